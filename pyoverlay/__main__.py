@@ -1,0 +1,5 @@
+"""Allow ``python -m pyoverlay``."""
+
+from pyoverlay.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Read-only inspection of a containerd root: listing, mounting and verifying snapshots."""
