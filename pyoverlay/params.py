@@ -14,23 +14,78 @@ from pyoverlay.errors import UsageError
 #: Options mount(8) and mount.fuse3 pass along that change nothing for us.
 IGNORED_OPTIONS = frozenset(
     {
-        "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-        "relatime", "norelatime", "strictatime", "nodiratime", "diratime", "async", "sync",
-        "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail", "_netdev",
-        "defaults", "lazytime", "nolazytime", "silent", "loud", "xino=off", "xino=auto",
-        "xino=on", "index=off", "metacopy=off", "nfs_export=off", "uuid=off", "uuid=null",
-        "uuid=auto", "uuid=on", "volatile", "squash_to_root", "squash_to_uid",
+        "rw",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+        "atime",
+        "noatime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nodiratime",
+        "diratime",
+        "async",
+        "sync",
+        "auto",
+        "noauto",
+        "user",
+        "users",
+        "nouser",
+        "owner",
+        "group",
+        "nofail",
+        "_netdev",
+        "defaults",
+        "lazytime",
+        "nolazytime",
+        "silent",
+        "loud",
+        "xino=off",
+        "xino=auto",
+        "xino=on",
+        "index=off",
+        "metacopy=off",
+        "nfs_export=off",
+        "uuid=off",
+        "uuid=null",
+        "uuid=auto",
+        "uuid=on",
+        "volatile",
+        "squash_to_root",
+        "squash_to_uid",
     }
 )
 #: FUSE options we pass to the kernel mount unchanged.
 FUSE_FLAG_OPTIONS = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
 #: FUSE options that take a value and are passed through.
-FUSE_VALUE_OPTIONS = frozenset({"max_read", "fsname", "subtype", "blksize"})
+FUSE_VALUE_OPTIONS = frozenset({"fsname"})
 #: fuse-overlayfs options we accept for compatibility and ignore.
 IGNORED_VALUE_OPTIONS = frozenset(
-    {"x-systemd.requires", "x-systemd.after", "comment", "context", "fscontext", "rootcontext",
-     "defcontext", "squash_to_uid", "squash_to_gid", "uidmapping", "gidmapping", "plugins",
-     "fsync", "threaded", "xattr_permissions", "static_nlink", "noacl", "uuid", "x-mount.mkdir"}
+    {
+        "x-systemd.requires",
+        "x-systemd.after",
+        "comment",
+        "context",
+        "fscontext",
+        "rootcontext",
+        "defcontext",
+        "squash_to_uid",
+        "squash_to_gid",
+        "uidmapping",
+        "gidmapping",
+        "plugins",
+        "fsync",
+        "threaded",
+        "xattr_permissions",
+        "static_nlink",
+        "noacl",
+        "uuid",
+        "x-mount.mkdir",
+    }
 )
 
 

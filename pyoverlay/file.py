@@ -1,0 +1,69 @@
+"""Opening files: which real file an open reaches, and when it forces a copy-up.
+
+Opening a lower regular file for writing, or with O_TRUNC, copies it up first (the
+kernel's rule); read-only opens go to the topmost copy, with no atime update on lower
+layers. The returned :class:`OpenFile` remembers whether it reads a lower file, so the
+FUSE glue can move it to the upper copy once someone copies the file up, as the kernel
+does for read(2) (but not for an existing mmap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+
+from pyoverlay.copy_up import copy_up
+from pyoverlay.layers import split
+from pyoverlay.namei import Resolved
+from pyoverlay.overlay import Overlay
+
+#: Flags the backing open keeps; creation and truncation were dealt with already.
+_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_SYNC | os.O_DSYNC
+
+
+@dataclasses.dataclass(slots=True)
+class OpenFile:
+    fd: int
+    path: bytes
+    flags: int
+    lower: bool
+
+
+def needs_copy_up(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def open_file(ov: Overlay, path: bytes, flags: int) -> OpenFile:
+    """Open the merged regular file ``path`` with open(2) ``flags``."""
+    res = ov.lookup(path)
+    if res.is_dir:
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if needs_copy_up(flags):
+        ov.require_writable()
+        res = copy_up(ov, path)
+    return open_resolved(ov, res, flags)
+
+
+def open_resolved(ov: Overlay, res: Resolved, flags: int) -> OpenFile:
+    layer, relpath = res.top
+    parent, name = split(relpath)
+    backing = flags & _KEEP
+    fd = ov.open_in_layer(layer, ov.stack.dir_fd(layer, parent), name, backing)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), res.path)
+    if flags & os.O_TRUNC and layer.upper:
+        os.ftruncate(fd, 0)
+    return OpenFile(fd, res.path, flags, not layer.upper)
+
+
+def reopen_upper(ov: Overlay, handle: OpenFile) -> None:
+    """Point a read-only handle at the upper copy after the file was copied up."""
+    res = ov.resolve(handle.path)
+    if res is None or not res.in_upper:
+        return
+    new = open_resolved(ov, res, handle.flags & ~os.O_TRUNC)
+    os.close(handle.fd)
+    handle.fd, handle.lower = new.fd, False
