@@ -1,0 +1,380 @@
+"""pyoverlay's merged read view against kernel overlayfs on identical layer sets.
+
+Each layer set (layersets.py) is built once, copied for each side, and mounted by the
+kernel (pinned options) and by ``pyoverlay mount -f``. The kernel-only tests check the
+harness itself (the set shows what it was built to show); the others require pyoverlay
+to match the kernel exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+import pytest
+from conftest import Side
+from layersets import BY_NAME, LAYER_SETS, LayerSet
+from treeview import (
+    KINDS,
+    Dirent,
+    TreeView,
+    abspath,
+    diff_views,
+    open_dir,
+    read_entries,
+    tree_paths,
+)
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@pytest.fixture(scope="module", params=[s.name for s in LAYER_SETS])
+def layer_set(request: pytest.FixtureRequest) -> LayerSet:
+    return BY_NAME[request.param]
+
+
+# -- the harness itself: the kernel shows what each set was built to show ------------
+
+
+def _expectation_failures(ls: LayerSet, side: Side, view: TreeView) -> list[str]:
+    out = []
+    for path in ls.present:
+        if path not in view.nodes:
+            out.append(f"{path!r} should be visible")
+    for path in ls.absent:
+        if path in view.nodes:
+            out.append(f"{path!r} should be hidden")
+    for path, data in ls.contents:
+        with open(abspath(side.merged, path), "rb") as f:
+            got = f.read()
+        if got != data:
+            out.append(f"{path!r} reads {got!r}, expected {data!r}")
+    out += [f"{p!r} is an overlay marker and must not show" for p in view.nodes if _marker(p)]
+    return out
+
+
+def _marker(path: bytes) -> bool:
+    return os.path.basename(path).startswith(b".wh.")
+
+
+def test_kernel_shows_the_layer_set(
+    layer_set: LayerSet, kernel_side: Side, kernel_view: TreeView
+) -> None:
+    assert _expectation_failures(layer_set, kernel_side, kernel_view) == []
+    assert kernel_view.problems == []
+
+
+def test_kernel_readdir_in_small_chunks(kernel_side: Side, kernel_view: TreeView) -> None:
+    _check_chunked_readdir(kernel_side, kernel_view)
+
+
+# -- pyoverlay against the kernel -----------------------------------------------------
+
+
+def test_pyoverlay_shows_the_layer_set(
+    layer_set: LayerSet, pyoverlay_side: Side, pyoverlay_view: TreeView
+) -> None:
+    assert _expectation_failures(layer_set, pyoverlay_side, pyoverlay_view) == []
+
+
+def test_merged_view_identical(
+    layer_set: LayerSet, kernel_view: TreeView, pyoverlay_view: TreeView
+) -> None:
+    # Directory sizes depend on the marker files the two variants hold; skip them there.
+    # A one-lower read-only set gets an empty second lower on the kernel side (the kernel
+    # wants two), which makes the kernel's root a merged dir with nlink 1; skip that too.
+    padded = layer_set.lowers == 1 and not layer_set.upper
+    diff = diff_views(
+        kernel_view, pyoverlay_view, ignore_dir_size=layer_set.variants, ignore_root_nlink=padded
+    )
+    assert diff == [], "\n".join(diff)
+
+
+def test_inode_numbers_consistent(pyoverlay_view: TreeView) -> None:
+    """st_ino equals d_ino, hard links share one, nothing else does."""
+    assert pyoverlay_view.problems == []
+
+
+def test_inode_numbers_stable(pyoverlay_side: Side, pyoverlay_view: TreeView) -> None:
+    """A second lookup of the same names reports the same st_ino."""
+    changed = []
+    for rel in _sample(tree_paths(pyoverlay_view), 500):
+        first = pyoverlay_view.nodes[rel]
+        st = os.lstat(abspath(pyoverlay_side.merged, rel))
+        if first.kind != "dir" and st.st_nlink != first.nlink:
+            changed.append(f"{rel!r}: nlink {first.nlink} -> {st.st_nlink}")
+    inos = {
+        rel: os.lstat(abspath(pyoverlay_side.merged, rel)).st_ino
+        for rel in _sample(tree_paths(pyoverlay_view), 500)
+    }
+    again = {rel: os.lstat(abspath(pyoverlay_side.merged, rel)).st_ino for rel in inos}
+    changed += [
+        f"{rel!r}: st_ino {inos[rel]} -> {again[rel]}" for rel in inos if inos[rel] != again[rel]
+    ]
+    assert changed == []
+
+
+def test_pyoverlay_readdir_in_small_chunks(pyoverlay_side: Side, pyoverlay_view: TreeView) -> None:
+    _check_chunked_readdir(pyoverlay_side, pyoverlay_view)
+
+
+def test_hidden_names_not_found(
+    layer_set: LayerSet, kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
+) -> None:
+    """Hidden names, and marker files a layer holds, give ENOENT on lookup too."""
+    names = [*layer_set.absent, *_marker_names(pyoverlay_side)]
+    results = {
+        side_name: [_errno_of(os.lstat, abspath(side.merged, n)) for n in names]
+        for side_name, side in (("kernel", kernel_side), ("pyoverlay", pyoverlay_side))
+    }
+    # Below a name that became a non-directory the answer is ENOTDIR, as usual.
+    assert set(results["kernel"]) <= {"ENOENT", "ENOTDIR"}, results["kernel"]
+    wrong = [
+        f"{n!r}: kernel {k} pyoverlay {p}"
+        for n, k, p in zip(names, results["kernel"], results["pyoverlay"], strict=True)
+        if k != p
+    ]
+    assert wrong == []
+
+
+def _marker_names(side: Side) -> list[bytes]:
+    """Relative paths of ``.wh.*`` files in any layer of ``side`` (the pyoverlay variant)."""
+    found = set()
+    for layer in [*side.lowers, *([side.upper] if side.upper else [])]:
+        base = os.fsencode(layer)
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in [*filenames, *dirnames]:
+                if name.startswith(b".wh."):
+                    found.add(os.path.relpath(os.path.join(dirpath, name), base))
+    return sorted(found)
+
+
+def _errno_of(func: Callable[..., object], *args: object) -> str:
+    try:
+        func(*args)
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return "ok"
+
+
+def test_private_xattrs_hidden(
+    layer_set: LayerSet,
+    kernel_side: Side,
+    pyoverlay_side: Side,
+    kernel_view: TreeView,
+    pyoverlay_view: TreeView,
+) -> None:
+    """listxattr never shows the overlay's own xattrs and getxattr of them fails alike."""
+    private = (layer_set.prefix, "user.fuseoverlayfs.")
+    listed = [
+        f"{p!r}: {name}"
+        for p, n in pyoverlay_view.nodes.items()
+        for name, _ in n.xattrs
+        if name.startswith(private)
+    ]
+    assert listed == []
+    probes = [layer_set.prefix + s for s in ("opaque", "whiteout", "origin", "impure", "uuid")]
+    probes.append("user.fuseoverlayfs.opaque")
+    dirs = _sample(tree_paths(kernel_view, "dir"), 300)
+    got = {}
+    for side_name, side in (("kernel", kernel_side), ("pyoverlay", pyoverlay_side)):
+        got[side_name] = [
+            (d, x, _errno_of(os.getxattr, abspath(side.merged, d), x)) for d in dirs for x in probes
+        ]
+    diff = [f"{k} vs {p}" for k, p in zip(got["kernel"], got["pyoverlay"], strict=True) if k != p]
+    assert diff == []
+
+
+def test_errors_match_kernel(
+    kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
+) -> None:
+    """readlink, opendir and lookups below non-directories fail with the kernel's errno."""
+    paths = _sample(tree_paths(kernel_view), 400)
+    got = {}
+    for side_name, side in (("kernel", kernel_side), ("pyoverlay", pyoverlay_side)):
+        got[side_name] = [_probe_errors(side, rel, kernel_view.nodes[rel].kind) for rel in paths]
+    diff = [
+        f"{rel!r}: kernel {k} pyoverlay {p}"
+        for rel, k, p in zip(paths, got["kernel"], got["pyoverlay"], strict=True)
+        if k != p
+    ]
+    assert diff == []
+
+
+def _probe_errors(side: Side, rel: bytes, kind: str) -> tuple[str, ...]:
+    path = abspath(side.merged, rel)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    results = [
+        _errno_of(os.readlink, path),
+        _errno_of(os.listdir, path),
+        _errno_of(os.lstat, os.path.join(path, b"no-such-child")),
+    ]
+    if kind not in ("chr", "blk"):  # device opens depend on mount flags, tested apart
+        results.append(_errno_of(lambda: os.close(os.open(path, flags))))
+    return tuple(results)
+
+
+def test_statfs(kernel_side: Side, pyoverlay_side: Side) -> None:
+    k, p = os.statvfs(kernel_side.merged), os.statvfs(pyoverlay_side.merged)
+    fields = ("f_bsize", "f_frsize", "f_blocks", "f_files", "f_namemax")
+    assert {f: getattr(p, f) for f in fields} == {f: getattr(k, f) for f in fields}
+    assert p.f_bavail <= p.f_bfree <= p.f_blocks
+    # Free space moves while other work runs; it must still be the same filesystem's.
+    assert abs(p.f_bfree - k.f_bfree) <= max(k.f_blocks // 100, 1024)
+    assert p.f_flag & os.ST_RDONLY == k.f_flag & os.ST_RDONLY
+
+
+def test_mount_flags_match_kernel(kernel_side: Side, pyoverlay_side: Side) -> None:
+    """setuid binaries and device nodes in the merged tree work as on a kernel mount."""
+    k, p = os.statvfs(kernel_side.merged), os.statvfs(pyoverlay_side.merged)
+    for flag in ("ST_NOSUID", "ST_NODEV", "ST_NOEXEC"):
+        bit = getattr(os, flag)
+        assert (p.f_flag & bit) == (k.f_flag & bit), flag
+
+
+USERS = ((0, 0), (1000, 1000), (2000, 2000))
+
+
+@pytest.mark.parametrize("uid,gid", USERS, ids=[f"uid{u}" for u, _ in USERS])
+def test_access(
+    uid: int, gid: int, kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
+) -> None:
+    """access(2) for F/R/W/X answers as on the kernel mount, for root and other users."""
+    paths = _sample(tree_paths(kernel_view), 1500)
+    k = _access_as(kernel_side, paths, uid, gid)
+    p = _access_as(pyoverlay_side, paths, uid, gid)
+    diff = [
+        f"{rel!r}: kernel {a} pyoverlay {b}"
+        for rel, a, b in zip(paths, k, p, strict=True)
+        if a != b
+    ]
+    assert diff[:40] == []
+
+
+def _access_as(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
+    """FRWX answers per path ('-' for no), computed in a child running as uid:gid.
+
+    The child enters the mount as root and then drops privileges, so the tmp dirs
+    above the mount (mode 0700) do not get in the way.
+    """
+    modes = (os.F_OK, os.R_OK, os.W_OK, os.X_OK)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(read_fd)
+            os.chdir(side.merged)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            out = "".join(
+                "".join(
+                    "FRWX"[i] if os.access(rel, m, follow_symlinks=False) else "-"
+                    for i, m in enumerate(modes)
+                )
+                for rel in paths
+            )
+            os.write(write_fd, out.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 1 << 16):
+        data += chunk
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "access child failed"
+    text = data.decode()
+    return [text[i : i + 4] for i in range(0, len(text), 4)]
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _sample(paths: list[bytes], limit: int) -> list[bytes]:
+    """At most ``limit`` of ``paths``, spread evenly (big sets would be slow via FUSE)."""
+    if len(paths) <= limit:
+        return paths
+    step = len(paths) / limit
+    return [paths[int(i * step)] for i in range(limit)]
+
+
+def _largest_dirs(view: TreeView) -> list[bytes]:
+    counts: dict[bytes, int] = {}
+    for path in view.nodes:
+        if path != b".":
+            parent = os.path.dirname(path) or b"."
+            counts[parent] = counts.get(parent, 0) + 1
+    ranked = sorted(counts, key=lambda d: (-counts[d], d))
+    return ranked[:2]
+
+
+def _check_chunked_readdir(side: Side, view: TreeView) -> None:
+    """getdents64 with a small buffer, and seeks to its offsets, give a consistent list."""
+    for rel in _largest_dirs(view):
+        path = abspath(side.merged, rel)
+        fd = open_dir(path)
+        try:
+            entries, calls = read_entries(fd, bufsize=512)
+            names = [e.name for e in entries]
+            expected = {
+                os.path.basename(p)
+                for p in view.nodes
+                if p != b"." and (os.path.dirname(p) or b".") == rel
+            }
+            assert len(names) == len(set(names)), f"{rel!r}: duplicate names from getdents"
+            assert set(names) - {b".", b".."} == expected, f"{rel!r}: getdents differs"
+            if len(expected) > 200:
+                assert calls > 10, "the buffer was meant to force many getdents calls"
+            _check_dirents(path, entries)
+            _check_seeks(fd, rel, entries)
+        finally:
+            os.close(fd)
+
+
+def test_readdir_lists_dot_entries(
+    kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
+) -> None:
+    """Like the kernel, every directory's listing starts with ``.`` and ``..``."""
+    dirs = _sample(tree_paths(kernel_view, "dir"), 50)
+    for side in (kernel_side, pyoverlay_side):
+        missing = []
+        for rel in dirs:
+            fd = open_dir(abspath(side.merged, rel))
+            try:
+                names = [e.name for e in read_entries(fd, bufsize=4096)[0]]
+            finally:
+                os.close(fd)
+            if {b".", b".."} - set(names):
+                missing.append(f"{rel!r}: {sorted({b'.', b'..'} - set(names))}")
+        assert missing == [], f"{side.merged}: directories without dot entries"
+
+
+def _check_dirents(path: bytes, entries: list[Dirent]) -> None:
+    bad = []
+    for e in entries:
+        if e.name in (b".", b".."):
+            continue
+        st = os.lstat(os.path.join(path, e.name))
+        kind = KINDS.get(stat.S_IFMT(st.st_mode))
+        if e.ino != st.st_ino or (e.kind is not None and e.kind != kind):
+            bad.append(f"{e.name!r}: d_ino {e.ino} st_ino {st.st_ino} d_type {e.kind} is {kind}")
+    assert bad[:20] == []
+
+
+def _check_seeks(fd: int, rel: bytes, entries: list[Dirent]) -> None:
+    """On the same open dir, reading on from any d_off gives the entries that followed it."""
+    names = [e.name for e in entries]
+    for k in sorted({0, 1, 2, len(entries) // 3, len(entries) // 2, len(entries) - 2}):
+        if not 0 <= k < len(entries) - 1:
+            continue
+        os.lseek(fd, entries[k].off, os.SEEK_SET)
+        rest, _ = read_entries(fd, bufsize=1024)
+        assert [e.name for e in rest] == names[k + 1 :], f"{rel!r}: seek to entry {k} offset"
+    os.lseek(fd, 0, os.SEEK_SET)  # rewinddir
+    again, _ = read_entries(fd, bufsize=4096)
+    assert sorted(e.name for e in again) == sorted(names), f"{rel!r}: rewind lists others"
