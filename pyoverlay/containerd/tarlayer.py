@@ -174,6 +174,9 @@ class BlobStream:
         while data := self.decoder.read(CHUNK):
             self.sha.update(data)
             self.count += len(data)
+
+    def drain_file(self) -> None:
+        """Read the rest of the blob file so its digest covers all of it."""
         while self.file.read(CHUNK):
             pass
 

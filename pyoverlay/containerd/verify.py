@@ -211,22 +211,21 @@ class LayerCheck:
         self.by_path.setdefault(path, []).append(finding)
         return finding
 
-    def run(self) -> tuple[list[Finding], bool]:
-        """All findings; the flag says whether the whole tar was read."""
+    def run(self) -> tuple[list[Finding], str | None]:
+        """All findings, and why the tar could not be read to its end (None if it was)."""
         try:
             for entry in entries(self.stream):
                 self._entry(entry)
                 self.progress(self.stream.file.count)
-            complete = True
-        except LayerError as exc:
-            self.by_path.setdefault("", []).append(Finding("blob", None, f"cannot decode: {exc}"))
-            complete = False
-        if complete:
             self._check_whiteouts()
             self._check_opaque()
             self._check_extra()
-        self.dirs.close()
-        return [f for path in sorted(self.by_path) for f in self.by_path[path]], complete
+            error = None
+        except LayerError as exc:
+            error = str(exc)
+        finally:
+            self.dirs.close()
+        return [f for path in sorted(self.by_path) for f in self.by_path[path]], error
 
     def _entry(self, entry: TarEntry) -> None:
         path = clean_path(entry.name)
@@ -450,21 +449,27 @@ def verify_layer(
         add(Finding("blob", None, f"cannot open blob {layer.digest}: {exc}"))
         return result
     try:
-        complete = True
+        files, error = [], None
         if snap is not None and os.path.isdir(snap.fs):
-            findings, complete = LayerCheck(stream, snap.fs, not snap.parent, progress).run()
-            result.findings.extend(findings)
-        if complete:
+            files, error = LayerCheck(stream, snap.fs, not snap.parent, progress).run()
+        if error is None:
             try:
                 stream.drain()
             except LayerError as exc:
-                add(Finding("blob", None, f"cannot decode: {exc}"))
-                complete = False
+                error = str(exc)
+        stream.drain_file()
         result.uncompressed = stream.count
         if stream.blob_digest != layer.digest:
-            add(Finding("digest", None, f"blob hashes to {stream.blob_digest}, not {layer.digest}"))
-        elif complete and stream.diff_id != layer.diff_id:
-            add(Finding("diff_id", None, f"tar hashes to {stream.diff_id}, not {layer.diff_id}"))
+            # A corrupt blob says nothing about the snapshot: report only the blob.
+            detail = f"blob hashes to {stream.blob_digest}, not {layer.digest}"
+            add(Finding("digest", None, detail + "; snapshot not compared"))
+        elif error is not None:
+            add(Finding("blob", None, f"cannot decode: {error}"))
+        else:
+            if stream.diff_id != layer.diff_id:
+                detail = f"tar hashes to {stream.diff_id}, not {layer.diff_id}"
+                add(Finding("diff_id", None, detail))
+            result.findings.extend(files)
     finally:
         stream.close()
     return result
