@@ -15,12 +15,6 @@ from pyoverlay.errors import UsageError
 IGNORED_OPTIONS = frozenset(
     {
         "rw",
-        "dev",
-        "nodev",
-        "suid",
-        "nosuid",
-        "exec",
-        "noexec",
         "atime",
         "noatime",
         "relatime",
@@ -60,7 +54,20 @@ IGNORED_OPTIONS = frozenset(
     }
 )
 #: FUSE options we pass to the kernel mount unchanged.
-FUSE_FLAG_OPTIONS = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
+FUSE_FLAG_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "allow_root",
+        "default_permissions",
+        "auto_unmount",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+    }
+)
 #: FUSE options that take a value and are passed through.
 FUSE_VALUE_OPTIONS = frozenset({"fsname"})
 #: fuse-overlayfs options we accept for compatibility and ignore.

@@ -158,7 +158,9 @@ def fuse_options(opts: MountOptions) -> set[str]:
     """The options handed to libfuse for this mount."""
     options = {"fsname=pyoverlay", "subtype=pyoverlay", "default_permissions"}
     if os.geteuid() == 0:
-        options.add("allow_other")  # every user sees the mount; the kernel checks modes
+        # Every user sees the mount and the kernel checks modes; setuid files and device
+        # nodes work as on a kernel overlay mount unless nosuid/nodev were asked for.
+        options |= {"allow_other", "suid", "dev"}
     if opts.read_only:
         options.add("ro")
     if opts.noatime:
@@ -166,6 +168,8 @@ def fuse_options(opts: MountOptions) -> set[str]:
     for item in opts.fuse_options:
         if item.startswith("fsname="):
             options.discard("fsname=pyoverlay")
+        if item in ("nosuid", "nodev", "noexec"):
+            options.discard(item[2:])
         options.add(item)
     return options
 
