@@ -341,17 +341,34 @@ def _mark_moved_dir(
 
     One with lower copies records where they are (``overlay.redirect``); one that lives
     only in upper becomes opaque when its new parent merges lower layers, so it cannot
-    pick up a lower directory of the same name there.
+    pick up a lower directory of the same name there. The kernel marks it so even for a
+    rename inside one parent, and so do we: the upper formats must match.
     """
     if not moved.is_dir:
         return
     relpath = moved.top[1]
     target = at_path(ov.upper_dir_fd(split(relpath)[0]), split(relpath)[1])
     if before.has_lower:
-        lower_rel = next(rel for lay, rel in before.layers if not lay.upper)
-        os.setxattr(target, ov.xattr_prefix + "redirect", b"/" + lower_rel, follow_symlinks=False)
-    elif not before.is_opaque and to_parent != from_parent and ov.lookup(to_parent).has_lower:
+        redirect = _redirect_for(before, same_dir=to_parent == from_parent)
+        if redirect is not None:
+            os.setxattr(target, ov.xattr_prefix + "redirect", redirect, follow_symlinks=False)
+    elif not before.is_opaque and ov.lookup(to_parent).has_lower:
         _set_opaque(ov, target)
+
+
+def _redirect_for(before: Resolved, *, same_dir: bool) -> bytes | None:
+    """The ``overlay.redirect`` value the kernel writes, or None to keep the current one.
+
+    As the kernel's ``ovl_set_redirect``: a move inside one parent records the old name
+    (relative), a move elsewhere the absolute path of the lower copy; a redirect already
+    there is kept when it still fits (any one for a same-dir move, an absolute one always).
+    """
+    current = before.markers[0].redirect if before.in_upper else None
+    if current is not None and (same_dir or current.startswith(b"/")):
+        return None
+    if same_dir:
+        return split(before.path)[1]
+    return b"/" + next(rel for lay, rel in before.layers if not lay.upper)
 
 
 def _clear_upper_dir(ov: Overlay, path: bytes) -> None:
