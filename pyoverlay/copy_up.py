@@ -114,6 +114,7 @@ class CopyUp:
             # names still show the lower one, so it must not share their number.
             self.ov.numbers.keep(new_st, self.ov.numbers.number(self.st))
         self.ov.invalidate(path)
+        self.ov.copied_up.append(path)
         res = self.ov.resolve(path)
         assert res is not None and res.in_upper
         return res

@@ -8,6 +8,7 @@ worker thread so the mount keeps answering while they run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -49,7 +50,11 @@ def handler(func: F) -> F:
         if self.debug:
             log.info("%s%r", name, tuple(a for a in args if not _is_context(a)))
         try:
-            return await func(self, *args)
+            try:
+                return await func(self, *args)
+            finally:
+                if self.ov.copied_up:
+                    self._refresh_copied_up()
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
@@ -94,6 +99,16 @@ class NodeTable:
             if seen > 4096:
                 raise pyfuse3.FUSEError(errno.ELOOP)
         return b"/".join(reversed(parts))
+
+    def find(self, path: bytes) -> int | None:
+        """The inode the kernel knows for ``path``, if any."""
+        ino = _ROOT
+        for name in path.split(b"/") if path else ():
+            child = self.children.get((ino, name))
+            if child is None:
+                return None
+            ino = child
+        return ino
 
     def remember(self, parent: int, name: bytes, ino: int) -> None:
         """The kernel now holds one more reference to ``ino``, found as ``parent/name``."""
@@ -249,6 +264,15 @@ class OverlayOperations(pyfuse3.Operations):
             if lock is not None:
                 async with lock:
                     pass
+
+    def _refresh_copied_up(self) -> None:
+        """Tell the kernel to drop cached attributes of objects we just copied up."""
+        paths, self.ov.copied_up = self.ov.copied_up, []
+        for path in paths:
+            ino = self.nodes.find(path)
+            if ino is not None:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
 
     # -- lookup and attributes ----------------------------------------------------------
 

@@ -51,6 +51,9 @@ class Overlay:
         self._cache: collections.OrderedDict[bytes, Resolved] = collections.OrderedDict()
         self._cache_size = cache_size if opts.cache != "none" else 0
         self._temp_counter = itertools.count()
+        #: Paths copied up since the FUSE glue last looked: their attributes (a
+        #: directory's link count, say) may differ from what the kernel cached.
+        self.copied_up: list[bytes] = []
         self.xattr_prefix = opts.xattr_prefix()
 
     # -- lookup -------------------------------------------------------------------------
