@@ -33,6 +33,8 @@ class Side:
     lowers: list[Path]
     upper: Path | None
     work: Path | None
+    #: Raw snapshots of the lower layers taken before mounting (pyoverlay side only).
+    lowers_before: tuple[TreeView, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,7 @@ def pyoverlay_args(ls: LayerSet, side: Side) -> list[str]:
 def pyoverlay_side(built: Built) -> Iterator[Side]:
     ls = built.layer_set
     side = _copy_side(built.pyoverlay_src, built.kernel_src.parent / "pyoverlay", ls)
+    side = dataclasses.replace(side, lowers_before=tuple(snapshot(p) for p in side.lowers))
     with pyoverlay_mount(pyoverlay_args(ls, side), side.merged):
         yield side
 

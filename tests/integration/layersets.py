@@ -237,13 +237,15 @@ class LayerSet:
     absent: tuple[bytes, ...] = ()
     #: Contents the merged view must show for some files (top layer wins).
     contents: tuple[tuple[bytes, bytes], ...] = ()
+    #: Directory names of the lowers, top first, when not ``l0``, ``l1``, ...
+    lower_dirs: tuple[str, ...] = ()
 
     @property
     def prefix(self) -> str:
         return "user.overlay." if self.userxattr else "trusted.overlay."
 
     def lower_names(self) -> list[str]:
-        return [f"l{i}" for i in range(self.lowers)]
+        return list(self.lower_dirs) or [f"l{i}" for i in range(self.lowers)]
 
     def make(self, root: Path, variant: str) -> Path:
         """Build this set's ``variant`` under ``root`` (created) and return ``root``."""
@@ -437,6 +439,15 @@ def _big_entry(b: Builder, layer: str, i: int) -> None:
         b.file(rel, f"{layer} {i}\n".encode())
 
 
+def build_colon_names(b: Builder) -> None:
+    """Layer directories whose names hold a colon, escaped as ``\\:`` in lowerdir."""
+    b.file("bottom:layer/shared", b"bottom\n")
+    b.file("bottom:layer/only_bottom", b"bottom\n")
+    b.file("top:layer/shared", b"top\n")
+    b.whiteout("top:layer/only_bottom")
+    b.file("upper/in:upper", b"upper\n")
+
+
 def _names(*paths: str) -> tuple[bytes, ...]:
     return tuple(p.encode() for p in paths)
 
@@ -555,6 +566,16 @@ LAYER_SETS = [
             (b"big/entry_with_a_longish_name_04001", b"l1 4001\n"),
             (b"big/entry_with_a_longish_name_07001", b"l0 7001\n"),
         ),
+    ),
+    LayerSet(
+        "colon_names",
+        2,
+        True,
+        build_colon_names,
+        lower_dirs=("top:layer", "bottom:layer"),
+        present=_names("shared", "in:upper"),
+        absent=_names("only_bottom"),
+        contents=((b"shared", b"top\n"),),
     ),
 ]
 BY_NAME = {s.name: s for s in LAYER_SETS}

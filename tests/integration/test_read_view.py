@@ -24,6 +24,7 @@ from treeview import (
     diff_views,
     open_dir,
     read_entries,
+    snapshot,
     tree_paths,
 )
 
@@ -292,6 +293,33 @@ def _access_as(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
     return [text[i : i + 4] for i in range(0, len(text), 4)]
 
 
+RO_SETS = [s.name for s in LAYER_SETS if not s.upper]
+
+
+@pytest.mark.parametrize("layer_set", RO_SETS, indirect=True)
+def test_read_only_mount_refuses_writes(
+    layer_set: LayerSet, kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
+) -> None:
+    """Without an upper layer every change fails as on the kernel mount (EROFS)."""
+    some_file = next(p for p in tree_paths(kernel_view, "file") if p != b".")
+    some_dir = next(p for p in tree_paths(kernel_view, "dir") if p != b".")
+    got = {}
+    for name, side in (("kernel", kernel_side), ("pyoverlay", pyoverlay_side)):
+        f, d = abspath(side.merged, some_file), abspath(side.merged, some_dir)
+        got[name] = {
+            "create": _errno_of(os.open, os.path.join(d, b"new"), os.O_CREAT | os.O_WRONLY),
+            "open-write": _errno_of(os.open, f, os.O_WRONLY),
+            "mkdir": _errno_of(os.mkdir, os.path.join(d, b"newdir")),
+            "unlink": _errno_of(os.unlink, f),
+            "rmdir": _errno_of(os.rmdir, d),
+            "chmod": _errno_of(os.chmod, f, 0o600),
+            "setxattr": _errno_of(os.setxattr, f, "user.new", b"v"),
+            "rename": _errno_of(os.rename, f, os.path.join(d, b"moved")),
+        }
+    assert set(got["kernel"].values()) <= {"EROFS", "ENOTEMPTY"}, got["kernel"]
+    assert got["pyoverlay"] == got["kernel"]
+
+
 # -- helpers ----------------------------------------------------------------------------
 
 
@@ -378,3 +406,14 @@ def _check_seeks(fd: int, rel: bytes, entries: list[Dirent]) -> None:
     os.lseek(fd, 0, os.SEEK_SET)  # rewinddir
     again, _ = read_entries(fd, bufsize=4096)
     assert sorted(e.name for e in again) == sorted(names), f"{rel!r}: rewind lists others"
+
+
+# -- last, once the other checks have read everything -----------------------------------
+
+
+def test_lower_layers_untouched(pyoverlay_side: Side) -> None:
+    """Reading through pyoverlay never writes to a lower layer (data, metadata, xattrs)."""
+    diffs = []
+    for lower, before in zip(pyoverlay_side.lowers, pyoverlay_side.lowers_before, strict=True):
+        diffs += [f"{lower.name}: {d}" for d in diff_views(before, snapshot(lower))]
+    assert diffs == [], "\n".join(diffs)
