@@ -185,6 +185,9 @@ class OverlayOperations(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._handles = itertools.count(1)
         self._copy_locks: dict[bytes, trio.Lock] = {}
+        #: Tests prove that a surprise in a handler becomes EIO and the daemon lives on:
+        #: a lookup of this name raises RuntimeError.
+        self._fault_name = os.environ.get("PYOVERLAY_INJECT_FAULT", "").encode() or None
         caching = ov.opts.cache != "none"
         self.timeout = ov.opts.timeout if caching else 0.0
         self.keep_cache = caching
@@ -280,6 +283,8 @@ class OverlayOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if name == self._fault_name:
+            raise RuntimeError(f"fault injected by PYOVERLAY_INJECT_FAULT for {name!r}")
         path = self._child(parent_inode, name)
         res = self.ov.resolve(path)
         if res is None:
