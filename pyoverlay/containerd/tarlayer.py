@@ -361,7 +361,7 @@ def content_chunks(stream: BlobStream, entry: TarEntry) -> Iterator[bytes]:
     while remaining > 0:
         data = stream.read(min(remaining, CHUNK))
         if not data:
-            raise LayerError(f"tar stream ends inside {entry.path!r}")
+            raise LayerError(f"tar stream ends inside {entry.name!r}")
         remaining -= len(data)
         entry.remaining = remaining
         yield data

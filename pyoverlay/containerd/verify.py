@@ -381,6 +381,7 @@ class LayerCheck:
                 st = None
             if self.base:
                 if st is not None and path not in self.expected:
+                    self.expected.add(path)  # reported here, not again as extra
                     self.add(
                         "whiteout", path, f"base layer deletes it, but disk has {_describe(st)}"
                     )
