@@ -33,11 +33,13 @@ class Case:
     #: And match this (case-insensitive) regex, which says what the problem is.
     problem: str
     code: int = 1
+    #: Files a refused mount must leave alone.
+    survivors: list[Path] = dataclasses.field(default_factory=list)
 
 
 MISSING = r"no such|not exist|missing|not found"
 NOT_DIR = r"not a directory"
-NESTED = r"inside|within|overlap|nested|subdir|beneath|under|contain|same"
+NESTED = r"inside|within|overlap|nested|subdir|beneath|under|same"
 
 
 def _dirs(tmp: Path, *names: str) -> list[Path]:
@@ -160,9 +162,12 @@ def case_work_inside_lower(tmp: Path, stack: contextlib.ExitStack) -> Case:
 
 def case_lower_inside_work(tmp: Path, stack: contextlib.ExitStack) -> Case:
     _, upper, work, merged = _standard(tmp)
-    (lower,) = _dirs(tmp, "work2/low")
-    work = tmp / "work2"
-    return Case(_positional(lower, upper, work, merged), merged, [str(work), str(lower)], NESTED)
+    # Inside work/work, which an earlier mount may leave behind and so does not make
+    # the work dir count as "not empty": the overlap itself must be the complaint.
+    (lower,) = _dirs(work, "work/low")
+    (lower / "keep").write_text("must survive\n")
+    args = _positional(lower, upper, work, merged)
+    return Case(args, merged, [str(work), str(lower)], NESTED, survivors=[lower / "keep"])
 
 
 def case_work_inside_upper(tmp: Path, stack: contextlib.ExitStack) -> Case:
@@ -216,6 +221,7 @@ def test_bad_input_refused(
     _assert_one_clear_line(stderr, case)
     if case.merged.is_dir():
         assert mounts_at(case.merged) == mounts_before
+    assert [p for p in case.survivors if not p.exists()] == []
 
 
 def _assert_one_clear_line(stderr: str, case: Case) -> None:
