@@ -103,7 +103,10 @@ class CopyUp:
             path = self.res.path
             parent_path, name = split(path)
             upper_parent = self.ov.upper_dir_fd(parent_path)
+            parent_st = os.fstat(upper_parent)
             renameat2(self.ov.work_fd, self.temp, upper_parent, name, RENAME_NOREPLACE)
+            # A copy-up is not a change of the parent: the kernel puts its times back.
+            os.utime(upper_parent, ns=(parent_st.st_atime_ns, parent_st.st_mtime_ns))
         except BaseException:
             self.abort()
             raise
