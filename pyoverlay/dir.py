@@ -327,8 +327,12 @@ def _check_rename(
 
 
 def _same_object(ov: Overlay, src: Resolved, dst: Resolved) -> bool:
-    """Two names of one inode: rename(2) does nothing and succeeds."""
-    if src.is_dir or dst.is_dir or src.top[0] is not dst.top[0]:
+    """Two names of one inode: rename(2) does nothing and succeeds.
+
+    Only for upper objects: with index=off the kernel gives each name of a multiply
+    linked lower file its own overlay inode, so renaming one over the other goes ahead.
+    """
+    if src.is_dir or dst.is_dir or src.top[0] is not dst.top[0] or not src.in_upper:
         return False
     a, b = ov.stat_of(src), ov.stat_of(dst)
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -401,9 +405,10 @@ def _rename_upper(
     if exchange:
         renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
         return
-    if is_dir and _upper_entry(ov, new_parent, new_name) == "whiteout":
+    if _upper_entry(ov, new_parent, new_name) == "whiteout":
         # A directory cannot replace a whiteout device: swap them, then keep the
-        # whiteout at the old name if one is needed there.
+        # whiteout at the old name if one is needed there. The kernel reuses the
+        # target's whiteout for files too (its mode shows in upper), so we do the same.
         renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
         if not whiteout:
             os.unlink(old_name, dir_fd=ov.upper_dir_fd(old_parent))
