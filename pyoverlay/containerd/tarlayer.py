@@ -241,8 +241,11 @@ def clean_path(name: str) -> str | None:
 def _checksum_ok(header: bytes) -> bool:
     stored = _number(header[148:156])
     unsigned = sum(header[:148]) + 256 + sum(header[156:])
-    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 256
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    # Some old writers summed signed chars; only pay for that on a mismatch.
+    high = sum(1 for b in header[:148] + header[156:] if b > 127)
+    return stored == unsigned - 256 * high
 
 
 def entries(stream: BlobStream) -> Iterator[TarEntry]:
