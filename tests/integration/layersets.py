@@ -192,6 +192,8 @@ def mixed(b: Builder, layer: str, tag: str) -> None:
             "user.empty": b"",
             "user.binary": bytes(range(256)),
             "trusted.pyoverlay-test": b"trusted but not ours",
+            "user.big": blob("xattr" + tag, 3000),
+            **{f"user.n{i:02d}": str(i).encode() for i in range(24)},
         },
     )
     b.dir(f"{L}/sticky", 0o1777)
@@ -281,6 +283,8 @@ def build_rw_1(b: Builder) -> None:
     b.opaque("upper/private")
     b.file("upper/private/new", b"only in upper\n")
     b.file("upper/in_upper", b"I am from upper\n")
+    b.file("upper/u_link1", b"linked in upper\n", 0o600, (1000, 1000))
+    b.hardlink("upper/u_link1", "upper/private/u_link2")
     b.dir("upper/sticky", 0o1777)
     b.file("upper/sticky/added", b"merged in\n")
 
@@ -298,6 +302,8 @@ def build_ro_3(b: Builder) -> None:
     b.dir("l0/empty", 0o750)  # a dir hides the file below
     b.file("l0/empty/inside", b"0\n")
     b.file("l0/names/reborn", b"a dir above a whiteout starts fresh\n")
+    b.whiteout("l2/orphan_whiteout")  # hides nothing, must not show either
+    b.node("l1/chr_0_1", stat.S_IFCHR, 0o600, os.makedev(0, 1))  # a device, not a whiteout
 
 
 def build_rw_3(b: Builder) -> None:
@@ -306,6 +312,10 @@ def build_rw_3(b: Builder) -> None:
         b.file(f"l2/d/f{i}", b"l2\n")
         b.file(f"l2/x/f{i}", b"l2\n")
         b.file(f"l2/o/f{i}", b"l2\n")
+        b.file(f"l2/not_opaque/f{i}", b"l2\n")
+    b.file("l2/d/f3", b"seen through the x-marked dir above\n")
+    b.dir("l1/not_opaque", xattrs={"trusted.overlay.opaque": b"yes"})  # only "y" is opaque
+    b.file("l1/not_opaque/l1", b"l1\n")
     b.file("l2/top_file", b"l2\n")
     b.file("l2/gone_dir/inner", b"l2\n")
     b.whiteout("l1/d/f0", "xattr")  # xattr whiteout in an opaque="x" dir
@@ -344,6 +354,8 @@ def build_rw_6(b: Builder) -> None:
     b.file("l3/sticky/l3", b"3\n")
     b.file("l0/sticky/l0", b"0\n")
     b.whiteout("upper/tower/own_3")
+    b.file("l3/sym_vs_dir/under", b"3\n")
+    b.symlink("l2/sym_vs_dir", "tower")  # a symlink hides the dir below
 
 
 def build_userxattr(b: Builder) -> None:
@@ -476,8 +488,10 @@ LAYER_SETS = [
         False,
         build_ro_3,
         cli_form="options",
-        present=_names("sticky", "empty/inside", "names/reborn", "private/l1_only"),
-        absent=_names("fifo", "names/with space", "private/secret", "sticky/from_l1"),
+        present=_names("sticky", "empty/inside", "names/reborn", "private/l1_only", "chr_0_1"),
+        absent=_names(
+            "fifo", "names/with space", "private/secret", "sticky/from_l1", "orphan_whiteout"
+        ),
         contents=((b"file_644", b"middle wins\n"),),
     ),
     LayerSet(
@@ -485,7 +499,7 @@ LAYER_SETS = [
         3,
         True,
         build_rw_3,
-        present=_names("d/l1_file", "o/new", "fresh/u", "o/f9"),
+        present=_names("d/l1_file", "d/f3", "o/new", "fresh/u", "o/f9", "not_opaque/f0"),
         absent=_names(
             "d/f0", "d/f2", "x/f0", "x/f1", "x/f2", "o/f0", "top_file", "gone_dir", "fresh/hidden"
         ),
@@ -497,7 +511,13 @@ LAYER_SETS = [
         True,
         build_rw_6,
         present=_names(
-            "tower/own_0", "tower/own_5", "tower/own_u", "flip/in_dir_l1", "sticky/l0", "sticky/l3"
+            "tower/own_0",
+            "tower/own_5",
+            "tower/own_u",
+            "flip/in_dir_l1",
+            "sticky/l0",
+            "sticky/l3",
+            "sym_vs_dir",
         ),
         absent=_names("tower/own_3", "flip/in_dir_l3", "sticky/hl_c", "flip/in_dir_l4"),
         contents=((b"stack", b"from l0\n"), (b"hl_a", b"recreated above a whiteout\n")),
