@@ -26,13 +26,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ctrd_daemon import Containerd
-from ctrd_images import chain_id, image_tar, multi_layers, pause_layers
+from ctrd_images import Entry, chain_id, image_tar, index_image_tar, multi_layers, pause_layers
 
 from pyoverlay.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PAUSE = "docker.io/library/pause:3.9"
 MULTI = "docker.io/test/multi:1"
+MULTIARCH = "docker.io/test/multiarch:2"
 IMAGES = [
     ("default", PAUSE, pause_layers),
     ("default", MULTI, multi_layers),
@@ -90,6 +91,14 @@ def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CtrdEnv]:
             tar.write_bytes(data)
             daemon.import_image(str(tar), namespace=namespace)
             info[(namespace, name)] = meta
+        # A multi-platform index: only this machine's manifest is unpacked.
+        data, metas = index_image_tar(
+            MULTIARCH,
+            {arch: [([Entry("arch", data=arch.encode())], "gzip")] for arch in ("arm64", "amd64")},
+        )
+        (base / "multiarch.tar").write_bytes(data)
+        daemon.import_image(str(base / "multiarch.tar"))
+        info[("default", MULTIARCH)] = metas["amd64"]
         daemon.stop()
         pristine = base / "pristine"
         subprocess.run(["cp", "-a", daemon.root, str(pristine)], check=True)

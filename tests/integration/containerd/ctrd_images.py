@@ -80,12 +80,8 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def image_tar(name: str, layers: list[tuple[list[Entry] | bytes, str]], arch: str = "amd64"):
-    """An OCI layout tar importable by ``ctr images import``; returns (bytes, info).
-
-    ``info`` has the layer blob digests, diff_ids and the manifest digest.
-    """
-    blobs: dict[str, bytes] = {}
+def _manifest(layers: list[tuple[list[Entry] | bytes, str]], arch: str, blobs: dict) -> dict:
+    """Add one platform's layers, config and manifest to ``blobs``; returns its info."""
     descs, diff_ids = [], []
     for content, how in layers:
         raw = content if isinstance(content, bytes) else layer_tar(content)
@@ -115,17 +111,18 @@ def image_tar(name: str, layers: list[tuple[list[Entry] | bytes, str]], arch: st
         }
     ).encode()
     blobs[_digest(manifest)] = manifest
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": _digest(manifest),
-                "size": len(manifest),
-                "annotations": {"io.containerd.image.name": name},
-            }
-        ],
+    return {
+        "layers": [d["digest"] for d in descs],
+        "diff_ids": diff_ids,
+        "manifest": _digest(manifest),
+        "manifest_size": len(manifest),
+        "config": _digest(config),
     }
+
+
+def _layout_tar(name: str, target: dict, blobs: dict[str, bytes]) -> bytes:
+    target = {**target, "annotations": {"io.containerd.image.name": name}}
+    index = {"schemaVersion": 2, "manifests": [target]}
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": json.dumps(index)}
@@ -133,16 +130,53 @@ def image_tar(name: str, layers: list[tuple[list[Entry] | bytes, str]], arch: st
             files["blobs/sha256/" + digest.split(":", 1)[1]] = blob
         for path, data in files.items():
             data = data.encode() if isinstance(data, str) else data
-            info = tarfile.TarInfo(path)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    info = {
-        "layers": [d["digest"] for d in descs],
-        "diff_ids": diff_ids,
-        "manifest": _digest(manifest),
-        "config": _digest(config),
+            member = tarfile.TarInfo(path)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return out.getvalue()
+
+
+def image_tar(name: str, layers: list[tuple[list[Entry] | bytes, str]], arch: str = "amd64"):
+    """An OCI layout tar importable by ``ctr images import``; returns (bytes, info).
+
+    ``info`` has the layer blob digests, diff_ids and the manifest digest.
+    """
+    blobs: dict[str, bytes] = {}
+    info = _manifest(layers, arch, blobs)
+    target = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": info["manifest"],
+        "size": info["manifest_size"],
     }
-    return out.getvalue(), info
+    return _layout_tar(name, target, blobs), info
+
+
+def index_image_tar(name: str, per_arch: dict[str, list[tuple[list[Entry] | bytes, str]]]):
+    """A multi-platform image (an OCI index); returns (bytes, {arch: info})."""
+    blobs: dict[str, bytes] = {}
+    infos = {arch: _manifest(layers, arch, blobs) for arch, layers in per_arch.items()}
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": info["manifest"],
+                    "size": info["manifest_size"],
+                    "platform": {"os": "linux", "architecture": arch},
+                }
+                for arch, info in infos.items()
+            ],
+        }
+    ).encode()
+    blobs[_digest(index)] = index
+    target = {
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": _digest(index),
+        "size": len(index),
+    }
+    return _layout_tar(name, target, blobs), infos
 
 
 def busybox() -> bytes:

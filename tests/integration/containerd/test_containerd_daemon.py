@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import MULTI, PAUSE, CtrdEnv, run_cli
+from ctrd_images import chain_id
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(120)]
 
@@ -23,3 +24,119 @@ def test_images_match_containerd(ctrd: CtrdEnv) -> None:
     # The same layer unpacked in two namespaces lives in two directories.
     assert ctrd.layer_dirs[("default", PAUSE)] != ctrd.layer_dirs[("k8s.io", PAUSE)]
     assert len(got[("default", MULTI)]["layers"]) == 3
+
+
+def test_reads_consistently_while_containerd_writes(ctrd: CtrdEnv) -> None:
+    """containerd commits transactions (snapshots created and removed) while we read."""
+    import threading
+    import time
+
+    from pyoverlay.containerd.store import ContainerdRoot
+
+    chain = chain_id(ctrd.info[("default", MULTI)]["diff_ids"])
+    stop = threading.Event()
+    writes = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"churn-{i}"
+            ctrd.daemon.ctr("snapshots", "--snapshotter", "overlayfs", "prepare", key, chain)
+            ctrd.daemon.ctr("snapshots", "--snapshotter", "overlayfs", "rm", key)
+            writes.append(i)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline or len(writes) < 3:
+            root = ContainerdRoot(ctrd.daemon.root)
+            target = root.resolve(MULTI)
+            assert [s.fs for s in target.chain] == [
+                f"{ctrd.daemon.root}/{d}" for d in reversed(ctrd.layer_dirs[("default", MULTI)])
+            ]
+            reads += 1
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert len(writes) >= 3 and reads >= 10
+
+
+@pytest.mark.parametrize("how", ["snapshot-id", "snapshot-key", "chain-key", "short-name"])
+def test_mount_resolves_every_kind_of_name(ctrd: CtrdEnv, how: str) -> None:
+    from pyoverlay.containerd.store import ContainerdRoot
+
+    dirs = [f"{ctrd.daemon.root}/{d}" for d in reversed(ctrd.layer_dirs[("default", MULTI)])]
+    top = ContainerdRoot(ctrd.daemon.root).snapshot_for_key(
+        "default", chain_id(ctrd.info[("default", MULTI)]["diff_ids"])
+    )
+    assert top is not None and top.fs == dirs[0]
+    name = {
+        "snapshot-id": str(top.id),
+        "snapshot-key": top.name,
+        "chain-key": chain_id(ctrd.info[("default", MULTI)]["diff_ids"]),
+        "short-name": "test/multi:1",
+    }[how]
+    res = run_cli("containerd", "mount", "--print-lowerdir", name, "x", "--root", ctrd.daemon.root)
+    assert res.code == 0, res.err
+    assert res.out.strip() == ":".join(dirs)
+
+
+def test_pause_in_two_namespaces_needs_no_guessing(ctrd: CtrdEnv) -> None:
+    res = run_cli(
+        "containerd", "mount", "--print-lowerdir", "pause:3.9", "x", "--root", ctrd.daemon.root
+    )
+    assert res.code == 0
+    assert res.out.strip() == f"{ctrd.daemon.root}/{ctrd.layer_dirs[('default', PAUSE)][0]}"
+    assert "also in k8s.io" in res.err
+    res = run_cli(
+        "containerd",
+        "mount",
+        "--print-lowerdir",
+        "-n",
+        "k8s.io",
+        "pause:3.9",
+        "x",
+        "--root",
+        ctrd.daemon.root,
+    )
+    assert res.out.strip() == f"{ctrd.daemon.root}/{ctrd.layer_dirs[('k8s.io', PAUSE)][0]}"
+    assert res.err == ""
+
+
+def test_progress_bar_only_on_a_terminal(ctrd: CtrdEnv) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pyoverlay", "containerd", "check", "--root", ctrd.daemon.root],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        )
+        os.close(slave)
+        slave = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"[" in err and b"%" in err  # drawn on the terminal...
+    assert b"[" not in proc.stdout and proc.stdout.decode().startswith("checked ")  # ...not here
