@@ -145,14 +145,17 @@ class CopyUp:
         st, work, temp = self.st, self.ov.work_fd, self.temp
         os.chown(temp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False)
         parent_fd = self.ov.stack.dir_fd(self.src_layer, self.src_dir)
-        copy_xattrs(at_path(parent_fd, self.name), at_path(work, temp))
+        # Escaped names (a user's trusted.overlay.X) are user data: copied like any other.
+        keep = (self.ov.xattr_prefix + "overlay.",)
+        copy_xattrs(at_path(parent_fd, self.name), at_path(work, temp), keep)
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(temp, stat.S_IMODE(st.st_mode), dir_fd=work)
         os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
 
 
-def copy_xattrs(src: bytes, dst: bytes) -> None:
-    """Copy every xattr we can read, except the overlay's private ones."""
+def copy_xattrs(src: bytes, dst: bytes, keep: tuple[str, ...] = ()) -> None:
+    """Copy every xattr we can read, except the overlay's private ones (but those
+    starting with a prefix in ``keep``)."""
     try:
         names = os.listxattr(src, follow_symlinks=False)
     except OSError as exc:
@@ -160,7 +163,7 @@ def copy_xattrs(src: bytes, dst: bytes) -> None:
             return
         raise
     for name in names:
-        if is_private_xattr(name):
+        if is_private_xattr(name) and not name.startswith(keep):
             continue
         try:
             value = os.getxattr(src, name, follow_symlinks=False)

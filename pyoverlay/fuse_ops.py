@@ -553,7 +553,8 @@ class OverlayOperations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in xattrs.listxattr(self.ov, self.nodes.path(inode))]
+        names = xattrs.listxattr(self.ov, self.nodes.path(inode), privileged=ctx.uid == 0)
+        return [os.fsencode(n) for n in names]
 
     @handler
     async def setxattr(
