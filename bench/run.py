@@ -93,7 +93,7 @@ class Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        print(f"bench: {self.what} exceeded {self.seconds:.0f} s; aborting the mount")
+        print(f"bench: {self.what} exceeded {self.seconds:.3g} s; aborting the mount")
         self.mount.abort()
 
     def __enter__(self) -> Watchdog:
@@ -224,6 +224,7 @@ def run_all(runner: Runner, targets: list[str], names: list[str], runs: int) -> 
 
 
 def _sigterm(_signo, _frame) -> None:
+    print("bench: terminated; tearing down mounts", file=sys.stderr)
     raise SystemExit(143)  # unwinds through the finally blocks that unmount
 
 
