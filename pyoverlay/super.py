@@ -234,16 +234,42 @@ def _check_overlap(opts: MountOptions, mountpoint: str) -> None:
     real = [(label, os.path.realpath(path)) for label, path in named]
     for i, (label_a, a) in enumerate(real):
         for label_b, b in real[i + 1 :]:
-            if _inside(a, b) or _inside(b, a):
+            if _overlap(a, b):
                 raise PyoverlayError(f"{label_a} and {label_b} overlap")
     target = os.path.realpath(mountpoint)
     for label, path in real:
-        if _inside(target, path) or _inside(path, target):
+        if _overlap(target, path):
             raise PyoverlayError(f"mount point {mountpoint} overlaps {label}")
 
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Do two real paths overlap, by name or as directories of one file system?"""
+    if _inside(a, b) or _inside(b, a):
+        return True
+    (dev_a, fs_a), (dev_b, fs_b) = _fs_location(a), _fs_location(b)
+    return dev_a == dev_b and (_inside(fs_a, fs_b) or _inside(fs_b, fs_a))
+
+
+def _fs_location(path: str) -> tuple[str, str]:
+    """(device, path inside its file system) of a real path.
+
+    A bind mount shows where its directory really is (mountinfo's root field), so two
+    layers cannot hide that they overlap behind one.
+    """
+    dev, root, point = "", "/", "/"
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            candidate = _unescape(fields[4])
+            # the longest mount point above the path wins; of stacked mounts, the last
+            if _inside(path, candidate) and len(candidate) >= len(point):
+                dev, root, point = fields[2].decode(), _unescape(fields[3]), candidate
+    rest = path[len(point) :].lstrip("/")
+    return dev, os.path.join(root, rest) if rest else root
 
 
 def mount_points() -> dict[str, str]:

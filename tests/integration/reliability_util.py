@@ -175,7 +175,9 @@ def _xattrs(path: str) -> dict[str, str]:
 
 def _content_hash(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    # O_NOATIME: taking the fingerprint must not change the atime it records.
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
