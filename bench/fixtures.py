@@ -327,6 +327,18 @@ def _pick_chmod_paths(files: dict[str, _Layer], count: int) -> list[str]:
     return sorted(lower_only[:count])
 
 
+def repair_plain(fx: Fixture) -> None:
+    """Undo what an interrupted earlier run may have left in the shared plain copy."""
+    os.truncate(os.path.join(fx.plain, fx.big_file), fx.sizes.big_file_mib * MIB)
+    for rel in fx.chmod_paths:
+        os.chmod(os.path.join(fx.plain, rel), 0o644)
+    shutil.rmtree(os.path.join(fx.plain, "untar-dest"), ignore_errors=True)
+    create_dir = os.path.join(fx.plain, fx.create_dir)
+    for name in os.listdir(create_dir):
+        if name.startswith("cfu-"):
+            os.unlink(os.path.join(create_dir, name))
+
+
 def _manifest_key(sizes: Sizes) -> dict[str, object]:
     return {"version": MANIFEST_VERSION, "sizes": dataclasses.asdict(sizes)}
 
@@ -337,7 +349,9 @@ def load_or_build(root: str, sizes: Sizes, log=print) -> Fixture:
     if manifest.exists():
         data = json.loads(manifest.read_text())
         if data.get("key") == _manifest_key(sizes):
-            return Fixture(root=root, sizes=sizes, **data["fixture"])
+            fx = Fixture(root=root, sizes=sizes, **data["fixture"])
+            repair_plain(fx)
+            return fx
         log(f"fixture in {root} was built with other sizes; rebuilding")
         shutil.rmtree(root)
     return build(root, sizes, log)

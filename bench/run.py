@@ -192,7 +192,7 @@ def label(wl: workloads.Workload, sizes: fixtures.Sizes, merged: object) -> str:
 
 def _fmt(metrics: dict[str, float], kind: str) -> str:
     if kind == "time":
-        return f"{metrics['seconds']:.4f} s"
+        return f"{metrics['seconds']:.4g} s"
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
