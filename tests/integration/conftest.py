@@ -74,7 +74,11 @@ def kernel_side(built: Built) -> Iterator[Side]:
         # The kernel wants two lowers for a read-only mount; an empty one changes nothing.
         (side.root / "empty-lower").mkdir()
         lowers.append(side.root / "empty-lower")
-    extra = {"userxattr": None} if ls.userxattr else None
+    extra: dict[str, str | None] = {}
+    if ls.userxattr:
+        extra["userxattr"] = None
+    if ls.ro_flag:
+        extra["ro"] = None
     with kernel_overlay(lowers, side.upper, side.work, side.merged, extra):
         yield side
 
@@ -90,6 +94,8 @@ def pyoverlay_args(ls: LayerSet, side: Side) -> list[str]:
             opts += [f"upperdir={side.upper}", f"workdir={side.work}"]
         if ls.userxattr:
             opts.append("userxattr")
+        if ls.ro_flag:
+            opts.append("ro")
         return ["-o", ",".join(opts), str(side.merged)]
     assert not ls.userxattr, "userxattr sets use the -o form"
     return [lower, str(side.upper), str(side.work), str(side.merged)]

@@ -241,6 +241,8 @@ class LayerSet:
     contents: tuple[tuple[bytes, bytes], ...] = ()
     #: Directory names of the lowers, top first, when not ``l0``, ``l1``, ...
     lower_dirs: tuple[str, ...] = ()
+    #: Mount read-only (option ``ro``) even though there is an upper layer.
+    ro_flag: bool = False
 
     @property
     def prefix(self) -> str:
@@ -481,6 +483,16 @@ LAYER_SETS = [
         present=(*_names("in_upper", "private/new", "sticky/added", "hl_a"), b"sticky/hl_c"),
         absent=_names("hl_b", "socket", "names/with space", "private/secret"),
         contents=((b"file_644", b"upper wins\n"),),
+    ),
+    LayerSet(
+        "rw_1_ro_flag",
+        1,
+        True,
+        build_rw_1,
+        ro_flag=True,
+        cli_form="options",
+        present=(b"in_upper", b"sticky/added"),
+        absent=(b"hl_b", b"private/secret"),
     ),
     LayerSet(
         "ro_3",

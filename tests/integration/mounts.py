@@ -152,7 +152,7 @@ def _read_log(log: tempfile._TemporaryFileWrapper[bytes]) -> str:  # type: ignor
     return log.read().decode("utf-8", "replace")
 
 
-def _wait_for_mount(
+def wait_for_fuse_mount(
     proc: subprocess.Popen[bytes], merged: str | os.PathLike[str], timeout: float
 ) -> bool:
     """True once ``merged`` is a FUSE mount point; False if the child exited first."""
@@ -186,7 +186,7 @@ def pyoverlay_mount(
             start_new_session=True,
         )
         try:
-            if not _wait_for_mount(proc, merged, timeout):
+            if not wait_for_fuse_mount(proc, merged, timeout):
                 state = f"exited with {proc.returncode}" if proc.poll() is not None else "hung"
                 raise MountError(
                     f"pyoverlay mount {' '.join(args)} {state} without mounting "

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import Side
 from layersets import BY_NAME, LAYER_SETS, LayerSet
+from mounts import (
+    daemon_env,
+    end_process,
+    is_mounted,
+    pyoverlay_command,
+    umount_exact,
+    wait_for_fuse_mount,
+)
 from treeview import (
     KINDS,
     Dirent,
@@ -293,7 +307,7 @@ def _access_as(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
     return [text[i : i + 4] for i in range(0, len(text), 4)]
 
 
-RO_SETS = [s.name for s in LAYER_SETS if not s.upper]
+RO_SETS = [s.name for s in LAYER_SETS if not s.upper or s.ro_flag]
 
 
 @pytest.mark.parametrize("layer_set", RO_SETS, indirect=True)
@@ -318,6 +332,90 @@ def test_read_only_mount_refuses_writes(
         }
     assert set(got["kernel"].values()) <= {"EROFS", "ENOTEMPTY"}, got["kernel"]
     assert got["pyoverlay"] == got["kernel"]
+
+
+# -- mount life cycle: background mode, umount, signals ----------------------------------
+
+
+def _tiny_layers(tmp: Path) -> tuple[list[str], Path]:
+    lower, upper, work, merged = (tmp / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    (lower / "hello").write_text("I am from lower\n")
+    return [str(lower), str(upper), str(work), str(merged)], merged
+
+
+def _process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts: our container's init may not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _process_gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _pyoverlay_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "pyoverlay", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=daemon_env(), timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_background_mount_then_umount(tmp_path: Path) -> None:
+    """Without -f the command returns with the mount live; ``pyoverlay umount`` ends it."""
+    paths, merged = _tiny_layers(tmp_path)
+    pid_file = tmp_path / "daemon.pid"
+    pid = None
+    try:
+        res = _pyoverlay_cli("mount", "--pid-file", str(pid_file), *paths)
+        assert res.returncode == 0, res.stderr
+        assert is_mounted(merged), "the command returned before the mount was live"
+        assert (merged / "hello").read_text() == "I am from lower\n"
+        pid = int(pid_file.read_text())
+        res = _pyoverlay_cli("umount", str(merged))
+        assert res.returncode == 0, res.stderr
+        assert not is_mounted(merged)
+        assert _wait_gone(pid), "the daemon kept running after umount"
+    finally:
+        umount_exact(merged, fuse=True)
+        if pid is not None and not _process_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_unmounts_cleanly(sig: signal.Signals, tmp_path: Path) -> None:
+    """SIGTERM or SIGINT to a foreground daemon unmounts and exits without a traceback."""
+    paths, merged = _tiny_layers(tmp_path)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            pyoverlay_command(paths),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_env(),
+            start_new_session=True,
+        )
+        try:
+            assert wait_for_fuse_mount(proc, merged, 30), "did not mount"
+            os.kill(proc.pid, sig)
+            code = proc.wait(timeout=15)
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            assert not is_mounted(merged), output
+            assert code >= 0, f"killed by signal {-code} instead of exiting; {output}"
+            assert "Traceback" not in output, output
+        finally:
+            umount_exact(merged, fuse=True)
+            end_process(proc)
 
 
 # -- helpers ----------------------------------------------------------------------------
