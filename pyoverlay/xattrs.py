@@ -24,7 +24,9 @@ from pyoverlay.util import at_path
 def _real_path(ov: Overlay, res: Resolved) -> bytes:
     layer, relpath = res.top
     if not relpath:
-        return b"/proc/self/fd/%d" % layer.fd
+        # "/." reaches the directory itself: without it, the no-follow xattr calls would
+        # act on /proc's magic link, not on the layer root.
+        return b"/proc/self/fd/%d/." % layer.fd
     parent, name = split(relpath)
     return at_path(ov.stack.dir_fd(layer, parent), name)
 
