@@ -11,9 +11,12 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from pyoverlay.containerd.store import ContainerdError, ContainerdRoot, Image
 from pyoverlay.errors import UsageError
+
+if TYPE_CHECKING:  # the store is imported on use: other pyoverlay commands start faster
+    from pyoverlay.containerd.store import ContainerdRoot, Image
 
 DEFAULT_ROOT = "/var/lib/containerd"
 
@@ -74,12 +77,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace) -> ContainerdRoot:
+    from pyoverlay.containerd.store import ContainerdError, ContainerdRoot
+
     if not os.path.isdir(args.root):
         raise ContainerdError(f"{args.root}: no such directory")
     return ContainerdRoot(args.root)
 
 
 def _namespaces(root: ContainerdRoot, args: argparse.Namespace) -> list[str]:
+    from pyoverlay.containerd.store import ContainerdError
+
     if args.namespace:
         if args.namespace not in root.namespaces():
             raise ContainerdError(f"namespace {args.namespace!r} does not exist in {root.root}")
@@ -157,7 +164,7 @@ def _image_dict(image: Image) -> dict:
 
 
 def _selected_images(root: ContainerdRoot, args: argparse.Namespace, names: list[str]):
-    from pyoverlay.containerd.store import normalize_ref
+    from pyoverlay.containerd.store import ContainerdError, normalize_ref
 
     wanted = {n for name in names for n in (name, normalize_ref(name))}
     found: set[str] = set()
@@ -174,13 +181,15 @@ def _selected_images(root: ContainerdRoot, args: argparse.Namespace, names: list
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from pyoverlay.containerd.verify import printable
+
     root = _open(args)
     images = _selected_images(root, args, args.names)
     if args.json:
         _emit_json({"root": root.root, "images": [_image_dict(i) for i in images]})
         return 0
     for image in images:
-        print(f"{image.name}  [{image.namespace}]  {image.digest}")
+        print(f"{printable(image.name)}  [{printable(image.namespace)}]  {image.digest}")
         if image.error:
             print(f"  error: {image.error}")
         for layer in image.layers:
@@ -246,6 +255,7 @@ def _human(size: int | None) -> str:
 
 # mount -------------------------------------------------------------------------
 def cmd_mount(args: argparse.Namespace) -> int:
+    from pyoverlay.containerd.store import ContainerdError
     from pyoverlay.params import MountOptions
 
     root = _open(args)
@@ -319,8 +329,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _print_image_result(result) -> None:
+    from pyoverlay.containerd.verify import printable
+
     image = result.image
-    print(f"{image.name}  [{image.namespace}]  {image.digest}")
+    print(f"{printable(image.name)}  [{printable(image.namespace)}]  {image.digest}")
     for finding in result.findings:
         print(f"    {finding.line()}")
     count = len(result.layers)

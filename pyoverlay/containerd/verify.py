@@ -49,9 +49,10 @@ class Finding:
     below: int = 0  # entries under a missing or extra directory, folded into this line
 
     def line(self) -> str:
+        """The finding as one printable line, whatever bytes the names hold."""
         more = f" (and {self.below} entries below it)" if self.below else ""
-        where = f"{self.path}: " if self.path is not None else ""
-        return f"{self.kind}: {where}{self.detail}{more}"
+        where = f"{printable(self.path)}: " if self.path is not None else ""
+        return f"{self.kind}: {where}{printable(self.detail)}{more}"
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path, "detail": self.detail, "below": self.below}
@@ -97,6 +98,14 @@ class ImageResult:
             "findings": [f.as_dict() for f in self.findings],
             "layers": [r.as_dict() for r in self.layers],
         }
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped, so a hostile
+    file name can neither break the one-line-per-finding output nor the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _describe(st: os.stat_result) -> str:

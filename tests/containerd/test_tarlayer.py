@@ -214,3 +214,21 @@ def test_whiteouts_and_opaque_in_base_and_upper_layers(tmp_path: Path) -> None:
     assert _check(tmp_path, raw, fs) == set()
     # In the base layer a whited-out name that exists is a problem (reported once).
     assert _check(tmp_path, raw, fs, base=True) == {("whiteout", "/d/gone")}
+
+
+def test_hostile_names_stay_on_one_line(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    name = "evil\nmissing: /fake\x1b[2J" + b"\xff".decode("utf-8", "surrogateescape")
+    raw = make_tar([(info(name), b"x")], tarfile.GNU_FORMAT)
+    path = tmp_path / "blob"
+    path.write_bytes(raw)
+    stream = BlobStream(str(path))
+    try:
+        found, error = LayerCheck(stream, str(fs), True, lambda _n: None).run()
+    finally:
+        stream.close()
+    assert error is None and [f.kind for f in found] == ["missing"]
+    line = found[0].line()
+    assert "\n" not in line and "\x1b" not in line and line.isprintable()
+    assert "evil\\nmissing" in line and "\\udcff" in line
