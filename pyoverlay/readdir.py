@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
+from pyoverlay import native
 from pyoverlay.layers import (
     LayerStack,
     is_whiteout,
@@ -22,6 +23,10 @@ from pyoverlay.namei import Resolved
 
 def merged_names(stack: LayerStack, directory: Resolved) -> list[bytes]:
     """Visible names of a merged directory (no ``.``/``..``), topmost layer first."""
+    if native.ACTIVE:  # issue 4: the C helper reads every layer in one call unless it declines
+        names = native.merged_names(stack, directory)
+        if names is not native.DECLINED:
+            return names
     seen: set[bytes] = set()
     hidden: set[bytes] = set()
     names: list[bytes] = []
