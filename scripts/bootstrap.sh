@@ -46,7 +46,8 @@ quiet() {
 }
 
 is_installed() {
-    dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed$'
+    # sed, not grep -q: with pipefail an early exit would fail dpkg with SIGPIPE.
+    [[ $(dpkg -s "$1" 2>/dev/null | sed -n 's/^Status: //p') == "install ok installed" ]]
 }
 
 have_filesystem() {
