@@ -55,6 +55,19 @@ class CtrdEnv:
         subprocess.run(["cp", "-a", str(self.pristine), str(dest)], check=True)
         return dest
 
+    def copy_with_stale_atimes(self, dest: Path) -> Path:
+        """A copy in which any read that is not O_NOATIME will change an atime.
+
+        With relatime the kernel updates an atime only when it is not newer than the
+        mtime (or is a day old); earlier reads of the pristine root may have left
+        atimes newer, so set each one just below its mtime.
+        """
+        self.copy(dest)
+        for path in [dest, *dest.rglob("*")]:
+            st = os.lstat(path)
+            os.utime(path, ns=(st.st_mtime_ns - 10**9, st.st_mtime_ns), follow_symlinks=False)
+        return dest
+
 
 def _oracle_dirs(daemon: Containerd, namespace: str, top_chain: str, n: int) -> list[str]:
     """Ask containerd for the lowerdir of an image's top layer, base first."""
