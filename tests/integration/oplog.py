@@ -121,7 +121,8 @@ def _bottom(b: Builder) -> None:
     b.file("l2/big", bytes(range(256)) * 800)
     b.node("l2/fifo", stat.S_IFIFO, 0o640)
     b.node("l2/chr", stat.S_IFCHR, 0o666, os.makedev(1, 3))
-    b.node("l2/blk", stat.S_IFBLK, 0o660, os.makedev(7, 0), (0, 6))
+    # A loop device number nothing uses, so that an open of it can only fail.
+    b.node("l2/blk", stat.S_IFBLK, 0o660, os.makedev(7, 255), (0, 6))
     b.node("l2/sock", stat.S_IFSOCK, 0o755)
     b.symlink("l2/sym", "d/f0")
     b.symlink("l2/dangling", "nowhere", (1000, 1000))
@@ -212,6 +213,10 @@ class Ctx:
         return RECENT if ns >= self.since_ns else ns
 
 
+#: Every open is non-blocking, so a FIFO answers (ENXIO, or EOF) instead of hanging.
+_NB = os.O_CLOEXEC | os.O_NONBLOCK
+
+
 def _kind(mode: int) -> str:
     return stat.filemode(mode)[0]
 
@@ -228,7 +233,7 @@ def _stat_value(c: Ctx, st: os.stat_result, *, times: bool = True) -> tuple:
 
 
 def _open_close(c: Ctx, path: str, flags: int, mode: int = 0o644) -> int:
-    fd = os.open(c.p(path), flags | os.O_CLOEXEC, mode)
+    fd = os.open(c.p(path), flags | _NB, mode)
     try:
         return os.fstat(fd).st_size
     finally:
@@ -236,7 +241,7 @@ def _open_close(c: Ctx, path: str, flags: int, mode: int = 0o644) -> int:
 
 
 def _write(c: Ctx, path: str, offset: int, data: bytes, flags: int = os.O_WRONLY) -> int:
-    fd = os.open(c.p(path), flags | os.O_CLOEXEC)
+    fd = os.open(c.p(path), flags | _NB)
     try:
         return os.pwrite(fd, data, offset) if offset >= 0 else os.write(fd, data)
     finally:
@@ -244,7 +249,7 @@ def _write(c: Ctx, path: str, offset: int, data: bytes, flags: int = os.O_WRONLY
 
 
 def _read(c: Ctx, path: str) -> str:
-    fd = os.open(c.p(path), os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(c.p(path), os.O_RDONLY | _NB)
     try:
         data = b""
         while chunk := os.read(fd, 1 << 20):
@@ -255,7 +260,7 @@ def _read(c: Ctx, path: str) -> str:
 
 
 def _fsync(c: Ctx, path: str, flags: int) -> None:
-    fd = os.open(c.p(path), flags | os.O_CLOEXEC)
+    fd = os.open(c.p(path), flags | _NB)
     try:
         os.fsync(fd)
     finally:
@@ -274,7 +279,7 @@ def _utimens(c: Ctx, path: str, atime: int | str, mtime: int | str) -> tuple:
 
 
 def _fallocate(c: Ctx, path: str, offset: int, length: int) -> int:
-    fd = os.open(c.p(path), os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(c.p(path), os.O_WRONLY | _NB)
     try:
         fallocate(fd, offset, length)
         return os.fstat(fd).st_size

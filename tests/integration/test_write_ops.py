@@ -261,6 +261,10 @@ SCENARIOS: dict[str, list[Op]] = {
         op("listxattr", "xat"),
         op("listxattr", "uo"),
         op("listxattr", "d"),
+        op("setxattr", "", "user.root", b"r"),  # the merged root
+        op("getxattr", "", "user.root"),
+        op("getxattr", "", "trusted.overlay.opaque"),
+        op("listxattr", ""),
         a(1000, 1000, op("listxattr", "xat")),  # no trusted.* for a plain user
         a(1000, 1000, op("getxattr", "xat", "user.b")),
         op("link", "xat", "xat_link"),  # copy-up keeps escaped names
