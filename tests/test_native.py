@@ -199,7 +199,7 @@ def walk_both(stack: LayerStack) -> list[str]:
 
 
 @settings(
-    max_examples=120,
+    max_examples=int(os.environ.get("PYOVERLAY_TEST_EXAMPLES", "120")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -381,3 +381,92 @@ def test_set_active_round_trip() -> None:
     finally:
         native.set_active(old)
     assert native.implementation() == "native"
+
+
+# -- sanitizers -----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SANITIZED_TESTS = "covers or low_level or agree or listings"
+_SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
+
+
+#: Drop the editable install's import hook so PYTHONPATH's sanitized copy is imported.
+_NO_EDITABLE = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path"
+    " if not getattr(f, '__module__', '').startswith('__editable__')];"
+)
+
+
+def _gcc_file(name: str) -> str:
+    res = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True)
+    return res.stdout.strip()
+
+
+def _build_sanitized(dest: Path) -> Path:
+    """pyoverlay with _native built under ASan + UBSan (and -Werror) in ``dest``."""
+    import sysconfig
+
+    pkg = dest / "pyoverlay"
+    subprocess.run(["cp", "-r", str(REPO / "pyoverlay"), str(pkg)], check=True, capture_output=True)
+    for old in pkg.glob("_native*.so"):
+        old.unlink()
+    out = pkg / ("_native" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [
+        "gcc", "-shared", "-fPIC", "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+        "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+        f"-I{sysconfig.get_paths()['include']}", str(REPO / "native" / "lookup.c"), "-o", str(out),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _our_reports(log_text: str) -> list[str]:
+    """Sanitizer reports; a leak counts only when our code allocated it (Python leaks
+    some objects at exit by design)."""
+    reports = [block for block in log_text.split("\n\n") if block.strip()]
+    found = []
+    for block in reports:
+        if "Direct leak" in block or "Indirect leak" in block:
+            if "lookup.c" in block or "ovl_fs.h" in block:
+                found.append(block)
+        elif any(p in block for p in _SANITIZER_PATTERNS[:2]):
+            found.append(block)
+    return found
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(bool(os.environ.get("PYOVERLAY_IN_SANITIZER")), reason="already inside")
+def test_lookup_tests_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
+    libasan = _gcc_file("libasan.so")
+    if not os.path.exists(libasan):
+        pytest.fail("libasan is missing: install gcc's sanitizer runtime")
+    built = _build_sanitized(tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(tmp_path),
+        LD_PRELOAD=libasan,
+        PYTHONMALLOC="malloc",  # every object through malloc, where ASan watches it
+        ASAN_OPTIONS=f"detect_leaks=1:log_path={logs}/asan:abort_on_error=0",
+        UBSAN_OPTIONS=f"print_stacktrace=1:halt_on_error=1:log_path={logs}/ubsan",
+        PYOVERLAY_TEST_EXAMPLES="25",
+        PYOVERLAY_IN_SANITIZER="1",
+    )
+    env.pop("PYOVERLAY_NATIVE", None)
+    which = subprocess.run(
+        [sys.executable, "-c", _NO_EDITABLE + "import pyoverlay._native as n; print(n.__file__)"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert which.stdout.strip() == str(built), which.stderr
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_EDITABLE + "import pytest; sys.exit(pytest.main(sys.argv[1:]))",
+         "-q", "-p", "no:cacheprovider", "-k", SANITIZED_TESTS,
+         str(REPO / "tests" / "test_native.py")],
+        env=env, capture_output=True, text=True, timeout=840, cwd=tmp_path,
+    )  # fmt: skip
+    log_text = "\n\n".join(p.read_text(errors="replace") for p in sorted(logs.iterdir()))
+    assert _our_reports(log_text) == []
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout
