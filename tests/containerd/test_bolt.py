@@ -7,6 +7,7 @@ import os
 import struct
 
 import pytest
+from boltwriter import build, meta_page
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,8 +19,6 @@ from pyoverlay.containerd.bolt import (
     read_varint,
 )
 from pyoverlay.errors import PyoverlayError
-
-from .boltwriter import build, meta_page
 
 
 def dump(bucket) -> dict:

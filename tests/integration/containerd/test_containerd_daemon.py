@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MULTI, PAUSE, CtrdEnv, run_cli
-from ctrd_images import chain_id
+
+from .ctrd_env import MULTI, PAUSE, CtrdEnv, run_cli
+from .ctrd_images import chain_id
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(120)]
 
@@ -111,7 +112,7 @@ def test_progress_bar_only_on_a_terminal(ctrd: CtrdEnv) -> None:
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
+    from .ctrd_env import REPO_ROOT
 
     master, slave = os.openpty()
     try:

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MULTI, REPO_ROOT, CtrdEnv, fingerprint, run_cli
+
+from .ctrd_env import MULTI, REPO_ROOT, CtrdEnv, fingerprint, run_cli
 
 pytestmark = [pytest.mark.containerd]
 

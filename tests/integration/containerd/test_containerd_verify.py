@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MULTI, PAUSE, CtrdEnv, fingerprint, run_cli, run_cli_process
+
+from .ctrd_env import MULTI, PAUSE, CtrdEnv, fingerprint, run_cli, run_cli_process
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(120)]
 
