@@ -21,7 +21,6 @@ PYTHON=${PYTHON:-python3}
 VPY=$VENV/bin/python
 STAMP=$VENV/.pyoverlay-install-stamp
 # Added to the venv's site-packages while native/lookup.c does not exist yet (see install_shim).
-SHIM_PTH=pyoverlay-repo.pth
 SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config attr gcc fuse-overlayfs containerd runc
     busybox-static e2fsprogs util-linux psmisc make)
 
@@ -149,48 +148,13 @@ install_key() {
     } | sha256sum | cut -d' ' -f1
 }
 
-site_packages() {
-    "$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
-}
-
 install_editable() {
-    rm -f "$(site_packages)/$SHIM_PTH"
     quiet "$VPY" -m pip install -q -e "${REPO}[test]"
 }
 
-# setup.py cannot build without native/lookup.c, so until it exists install a stand-in
-# distribution with the same name, dependencies and console script but no files, and put
-# the repo on sys.path with a .pth file: `import pyoverlay` then reads the working tree,
-# just as the editable install does.
-install_shim() {
-    local shim
-    shim=$(mktemp -d -t pyoverlay-shim.XXXXXX)
-    TMPDIRS+=("$shim")
-    "$VPY" - "$REPO/pyproject.toml" >"$shim/setup.py" <<'PY'
-import sys
-import tomllib
-
-with open(sys.argv[1], "rb") as f:
-    project = tomllib.load(f)["project"]
-scripts = [f"{name} = {target}" for name, target in project.get("scripts", {}).items()]
-print("from setuptools import setup")
-print("setup(")
-print(f"    name={project['name']!r}, version={project['version']!r}, packages=[],")
-print(f"    install_requires={project.get('dependencies', [])!r},")
-print(f"    extras_require={project.get('optional-dependencies', {})!r},")
-print(f"    entry_points={{'console_scripts': {scripts!r}}},")
-print(")")
-PY
-    quiet "$VPY" -m pip install -q --force-reinstall --no-deps "$shim"
-    quiet "$VPY" -m pip install -q "${shim}[test]"
-    printf '%s\n' "$REPO" >"$(site_packages)/$SHIM_PTH"
-}
-
 install_project() {
-    local mode key
-    mode=shim
-    [[ -f $REPO/native/lookup.c ]] && mode=native
-    key=$(install_key "$mode")
+    local key
+    key=$(install_key editable)
     if [[ -f $STAMP && $(cat "$STAMP") == "$key" ]] &&
         "$VPY" -c 'import importlib.metadata as m; m.version("pyoverlay")' >/dev/null 2>&1; then
         return 0
@@ -198,15 +162,11 @@ install_project() {
     say "installing pyoverlay and its test tools into $VENV"
     rm -f "$STAMP"
     quiet "$VPY" -m pip install -q --upgrade 'setuptools>=68' wheel
-    if [[ $mode == native ]]; then install_editable; else install_shim; fi
+    install_editable
     printf '%s\n' "$key" >"$STAMP"
 }
 
 build_native() {
-    if [[ ! -f $REPO/native/lookup.c ]]; then
-        warn "native/lookup.c does not exist yet: pyoverlay._native not built"
-        return 0
-    fi
     # In place, so the editable install imports the fresh build; temp files stay in the venv.
     (cd "$REPO" && quiet "$VPY" setup.py -q build_ext --inplace --build-temp "$VENV/build-temp")
     # From / so the import goes through the installed package, not the current directory.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Side
+from tests.integration.conftest import Side
 from layersets import BY_NAME, LAYER_SETS, LayerSet
 from mounts import (
     daemon_env,
