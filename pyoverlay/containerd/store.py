@@ -253,6 +253,13 @@ class ContainerdRoot:
         raise ContainerdError(f"index {digest} has no manifest for linux/{arch} in the store")
 
     def _fill_layers(self, image: Image) -> None:
+        try:
+            self._parse_image(image)
+        except (TypeError, ValueError, AttributeError) as exc:
+            # JSON of the right syntax but the wrong shape (a string where a list goes).
+            raise ContainerdError(f"malformed manifest or config: {exc}") from None
+
+    def _parse_image(self, image: Image) -> None:
         digest, doc = image.digest, self.read_json_blob(image.digest)
         for _depth in range(4):  # an index may (rarely) point at another index
             if "manifests" not in doc:
