@@ -20,21 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from layersets import LayerSet
-from mounts import kernel_overlay, pyoverlay_mount
+from mounts import Side, kernel_overlay, pyoverlay_mount
 from treeview import TreeView, snapshot
-
-
-@dataclasses.dataclass(frozen=True)
-class Side:
-    """One mounted copy of a layer set."""
-
-    root: Path
-    merged: Path
-    lowers: list[Path]
-    upper: Path | None
-    work: Path | None
-    #: Raw snapshots of the lower layers taken before mounting (pyoverlay side only).
-    lowers_before: tuple[TreeView, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ raises, so a failing test never leaves a mount or a daemon behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,6 +17,10 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for the annotation; keeps this module importable on its own
+    from treeview import TreeView
 
 #: Kernel options pinned for comparisons; build-time defaults differ between kernels.
 KERNEL_PINNED = {"redirect_dir": "off", "index": "off", "metacopy": "off", "xino": "off"}
@@ -23,6 +28,19 @@ KERNEL_PINNED = {"redirect_dir": "off", "index": "off", "metacopy": "off", "xino
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One mounted copy of a layer set."""
+
+    root: Path
+    merged: Path
+    lowers: list[Path]
+    upper: Path | None
+    work: Path | None
+    #: Raw snapshots of the lower layers taken before mounting (pyoverlay side only).
+    lowers_before: tuple[TreeView, ...] = ()
 
 
 class MountError(RuntimeError):

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.integration.conftest import Side
 from layersets import BY_NAME, LAYER_SETS, LayerSet
 from mounts import (
+    Side,
     daemon_env,
     end_process,
     is_mounted,
