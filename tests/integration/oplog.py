@@ -42,14 +42,9 @@ from treeview import Node, TreeView, diff_views, snapshot
 #: xattrs only the kernel writes in upper (or that name a filesystem), left out of the
 #: upper comparison: origin file handles, impure/nlink bookkeeping, the layer uuid.
 IGNORED_UPPER_XATTRS = frozenset(
-    {
-        "trusted.overlay.origin",
-        "trusted.overlay.impure",
-        "trusted.overlay.nlink",
-        "trusted.overlay.uuid",
-        "trusted.overlay.upper",
-        "trusted.overlay.metacopy",
-    }
+    prefix + name
+    for prefix in ("trusted.overlay.", "user.overlay.")
+    for name in ("origin", "impure", "nlink", "uuid", "upper", "metacopy")
 )
 #: mtimes at or after this (set by the clock during a test) compare as "new".
 RECENT = -1
@@ -98,10 +93,13 @@ def fallocate(fd: int, offset: int, length: int) -> None:
 # -- the layer set --------------------------------------------------------------------
 
 
-def build_write_set(root: Path) -> Path:
-    """Three lowers (``l0`` top .. ``l2``) plus ``upper`` under ``root``; returns ``root``."""
+def build_write_set(root: Path, prefix: str = "trusted.overlay.") -> Path:
+    """Three lowers (``l0`` top .. ``l2``) plus ``upper`` under ``root``; returns ``root``.
+
+    ``prefix`` is the namespace of the markers (``user.overlay.`` for userxattr mounts).
+    """
     root.mkdir(parents=True)
-    b = Builder(root, "kernel")
+    b = Builder(root, "kernel", prefix)
     for name in ("l0", "l1", "l2", "upper"):
         b.dir(name)
     _bottom(b)
@@ -321,6 +319,28 @@ def _as_user(c: Ctx, uid: int, gid: int, umask: int, inner: Op) -> Any:
     return result.value
 
 
+def _ftruncate(c: Ctx, path: str, size: int) -> int:
+    """truncate through an open fd (FUSE setattr with a file handle)."""
+    fd = os.open(c.p(path), os.O_RDWR | _NB)
+    try:
+        os.ftruncate(fd, size)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _read_across_copy_up(c: Ctx, path: str, data: bytes) -> tuple[bytes, bytes]:
+    """Open read-only, copy up by writing through a second fd, read from the first fd:
+    read(2) on the old fd sees the new data (not so for an mmap, which is not tried)."""
+    rfd = os.open(c.p(path), os.O_RDONLY | _NB)
+    try:
+        before = os.pread(rfd, len(data), 0)
+        _write(c, path, 0, data)
+        return before, os.pread(rfd, len(data), 0)
+    finally:
+        os.close(rfd)
+
+
 def _mknod(c: Ctx, path: str, kind: str, mode: int, major: int = 0, minor: int = 0) -> None:
     bits = {"fifo": stat.S_IFIFO, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK, "sock": stat.S_IFSOCK}
     os.mknod(c.p(path), bits[kind] | mode, os.makedev(major, minor))
@@ -341,6 +361,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "write": lambda c, p, off, data: _write(c, p, off, data),
     "append": lambda c, p, data: _write(c, p, -1, data, os.O_WRONLY | os.O_APPEND),
     "truncate": lambda c, p, size: os.truncate(c.p(p), size),
+    "ftruncate": _ftruncate,
+    "read_across_copy_up": _read_across_copy_up,
     "read": _read,
     "mknod": _mknod,
     "mkdir": lambda c, p, mode=0o755: os.mkdir(c.p(p), mode),
@@ -492,8 +514,12 @@ def copy_layers(src: Path, dest: Path) -> Path:
     return dest
 
 
-def kernel_mount(side: Mounted, redirect: bool) -> contextlib.AbstractContextManager[Path]:
-    extra = {"redirect_dir": "on"} if redirect else None
+def kernel_mount(
+    side: Mounted, redirect: bool, userxattr: bool = False
+) -> contextlib.AbstractContextManager[Path]:
+    extra: dict[str, str | None] = {"redirect_dir": "on"} if redirect else {}
+    if userxattr:
+        extra["userxattr"] = None
     return kernel_overlay(side.lowers, side.upper, side.work, side.merged, extra)
 
 
@@ -518,8 +544,9 @@ class Pair:
     compares upper and work directories. Everything mounted is unmounted on exit.
     """
 
-    def __init__(self, src: Path, base: Path, *, redirect: bool = False):
+    def __init__(self, src: Path, base: Path, *, redirect: bool = False, userxattr: bool = False):
         self.redirect = redirect
+        self.userxattr = userxattr
         self.since_ns = time.time_ns()
         self.kernel = Mounted("kernel", copy_layers(src, base / "kernel"), None)  # type: ignore[arg-type]
         self.py = Mounted("pyoverlay", copy_layers(src, base / "pyoverlay"), None)  # type: ignore[arg-type]
@@ -532,8 +559,9 @@ class Pair:
 
     def __enter__(self) -> Pair:
         try:
-            self._stack.enter_context(kernel_mount(self.kernel, self.redirect))
-            self._stack.enter_context(pyoverlay_mount_side(self.py, self.redirect))
+            self._stack.enter_context(kernel_mount(self.kernel, self.redirect, self.userxattr))
+            extra = ["userxattr"] if self.userxattr else []
+            self._stack.enter_context(pyoverlay_mount_side(self.py, self.redirect, extra))
         except BaseException:
             self._stack.close()
             raise
@@ -592,14 +620,18 @@ class Pair:
 
 
 @contextlib.contextmanager
-def pair(src: Path, base: Path, *, redirect: bool = False) -> Iterator[Pair]:
-    with Pair(src, base, redirect=redirect) as p:
+def pair(
+    src: Path, base: Path, *, redirect: bool = False, userxattr: bool = False
+) -> Iterator[Pair]:
+    with Pair(src, base, redirect=redirect, userxattr=userxattr) as p:
         yield p
 
 
-def differential(src: Path, base: Path, ops: Sequence[Op], *, redirect: bool = False) -> list[str]:
+def differential(
+    src: Path, base: Path, ops: Sequence[Op], *, redirect: bool = False, userxattr: bool = False
+) -> list[str]:
     """Run ``ops`` on both implementations; every divergence found, as text."""
-    with pair(src, base, redirect=redirect) as p:
+    with pair(src, base, redirect=redirect, userxattr=userxattr) as p:
         p.run(ops)
         return p.finish()
 

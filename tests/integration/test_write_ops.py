@@ -39,8 +39,10 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_write_set(tmp_path_factory.mktemp("writeset") / "src")
 
 
-def assert_same(src: Path, base: Path, ops: list[Op], *, redirect: bool = False) -> None:
-    found = differential(src, base, ops, redirect=redirect)
+def assert_same(
+    src: Path, base: Path, ops: list[Op], *, redirect: bool = False, userxattr: bool = False
+) -> None:
+    found = differential(src, base, ops, redirect=redirect, userxattr=userxattr)
     assert found == [], "pyoverlay diverges from kernel overlayfs:\n" + "\n".join(found)
 
 
@@ -287,6 +289,10 @@ SCENARIOS: dict[str, list[Op]] = {
         op("read", "big"),
         op("read", "l1only/inner"),
         op("stat", "l1only/inner"),
+        op("ftruncate", "m/from2", 1),
+        op("ftruncate", "u_file", 50_000),
+        op("read_across_copy_up", "m/from0", b"NEW"),
+        op("read_across_copy_up", "d/sub/deep/leaf", b"LEAF"),
         op("statfs"),
     ],
     "inode_numbers": [
@@ -377,6 +383,26 @@ REDIRECT_SCENARIOS: dict[str, list[Op]] = {
 }
 
 
+USERXATTR_OPS = [
+    op("mkdir", "d/f2"),  # over a whiteout: user.overlay.opaque
+    op("unlink", "top"),
+    op("rmdir", "emptydir"),
+    op("rename", "u_dir", "u2"),  # opaque in the merged root
+    op("rename", "ldir", "ldir2"),  # EXDEV: no redirects with userxattr
+    op("setxattr", "exec", "user.overlay.mine", b"escaped"),
+    op("getxattr", "exec", "user.overlay.mine"),
+    op("listxattr", "exec"),
+    op("getxattr", "uo", "user.overlay.opaque"),
+    op("setxattr", "xat", "trusted.overlay.x", b"t"),  # pinned below, not run here
+]
+
+
+def test_userxattr_mount(tmp_path: Path) -> None:
+    """``-o userxattr`` on both sides: markers in user.overlay.*, same upper."""
+    src = build_write_set(tmp_path / "src", "user.overlay.")
+    assert_same(src, tmp_path, USERXATTR_OPS[:-1], userxattr=True)
+
+
 @pytest.mark.parametrize("name", sorted(REDIRECT_SCENARIOS))
 def test_redirect_dir_on(src: Path, tmp_path: Path, name: str) -> None:
     """Directory renames with redirect_dir=on on both sides: trees and upper xattrs match."""
@@ -445,3 +471,19 @@ def test_rename_between_lower_hard_links(src: Path, tmp_path: Path) -> None:
         p.unmount()
         assert not os.path.lexists(p.py.upper / "hl_a")
         assert os.path.lexists(p.kernel.upper / "hl_a")  # the kernel's whiteout
+
+
+def test_other_overlay_namespace_is_refused(src: Path, tmp_path: Path) -> None:
+    """pyoverlay reads ``user.overlay.*`` markers in every mode (layers written by rootless
+    tools), so it refuses users' ``user.overlay.*`` names without ``userxattr`` (the
+    kernel passes them through there), and ``trusted.overlay.*`` ones with it."""
+    with pair(src, tmp_path) as p:
+        k, py = p.step(op("setxattr", "top", "user.overlay.opaque", b"y"))
+        assert k.status == "ok"
+        assert (py.status, py.value) == ("err", "EPERM")
+    ux_src = build_write_set(tmp_path / "ux_src", "user.overlay.")
+    (tmp_path / "ux").mkdir()
+    with pair(ux_src, tmp_path / "ux", userxattr=True) as p:
+        k, py = p.step(USERXATTR_OPS[-1])
+        assert k.status == "ok"
+        assert (py.status, py.value) == ("err", "EPERM")
