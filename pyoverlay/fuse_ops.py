@@ -31,11 +31,14 @@ from pyoverlay.inode import AttrChange, Attributes
 from pyoverlay.layers import join, split
 from pyoverlay.namei import Resolved
 from pyoverlay.overlay import Overlay
+from pyoverlay.util import release_memory
 
 log = logging.getLogger("pyoverlay")
 
 #: Copy-ups of files larger than this run in a worker thread.
 THREAD_COPY_UP_BYTES = 1 << 20
+#: A FORGET batch this big means the kernel is shrinking its caches.
+_TRIM_AFTER_FORGETS = 256
 _ROOT = pyfuse3.ROOT_INODE
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -123,16 +126,23 @@ class NodeTable:
         node.links.append(key)
         self.children[key] = ino
 
-    def forget(self, ino: int, count: int) -> None:
+    def forget(self, ino: int, count: int) -> bytes | None:
+        """Drop ``count`` references; the path of a node the kernel no longer holds."""
         node = self.nodes.get(ino)
         if node is None or ino == _ROOT:
-            return
+            return None
         node.lookups -= count
-        if node.lookups <= 0:
-            for key in node.links:
-                if self.children.get(key) == ino:
-                    del self.children[key]
-            del self.nodes[ino]
+        if node.lookups > 0:
+            return None
+        try:
+            path: bytes | None = self.path(ino)
+        except pyfuse3.FUSEError:
+            path = None  # its parent went first
+        for key in node.links:
+            if self.children.get(key) == ino:
+                del self.children[key]
+        del self.nodes[ino]
+        return path
 
     def removed(self, parent: int, name: bytes) -> None:
         key = (parent, name)
@@ -301,7 +311,11 @@ class OverlayOperations(pyfuse3.Operations):
     @handler
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.nodes.forget(ino, count)
+            path = self.nodes.forget(ino, count)
+            if path is not None:
+                self.ov.forget(path)
+        if len(inode_list) >= _TRIM_AFTER_FORGETS:
+            release_memory()  # the kernel shrank its caches: give the memory back too
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

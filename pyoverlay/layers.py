@@ -196,6 +196,12 @@ class LayerStack:
                 return None
             raise
 
+    def drop_dir(self, layer: Layer, relpath: bytes) -> None:
+        """Close the cached fd of exactly ``relpath`` (if any)."""
+        fd = self._dirs.pop((layer.index, relpath), None)
+        if fd is not None:
+            os.close(fd)
+
     def forget_dirs(self, layer: Layer, relpath: bytes) -> None:
         """Drop cached fds of ``relpath`` and everything below it (it moved or went)."""
         prefix = relpath + b"/"

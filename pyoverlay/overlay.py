@@ -93,6 +93,15 @@ class Overlay:
             for key in [k for k in self._cache if k.startswith(prefix)]:
                 del self._cache[key]
 
+    def forget(self, path: bytes) -> None:
+        """The kernel holds ``path`` no more: drop its lookup and its cached directory fds."""
+        res = self._cache.pop(path, None)
+        if res is None or res.is_dir:
+            # Without the lookup at hand, drop the fds at the usual (unredirected) places.
+            places = res.layers if res is not None else [(lay, path) for lay in self.stack.layers]
+            for layer, relpath in places:
+                self.stack.drop_dir(layer, relpath)
+
     # -- attributes ---------------------------------------------------------------------
 
     def stat_of(self, res: Resolved) -> os.stat_result:

@@ -40,6 +40,13 @@ def at_path(dirfd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dirfd, name)
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def fd_path(fd: int) -> bytes:
     """A path for an open fd (also an O_PATH one) that reaches exactly that object."""
     return b"/proc/self/fd/%d" % fd
@@ -54,5 +61,6 @@ __all__ = [
     "RENAME_WHITEOUT",
     "at_path",
     "fd_path",
+    "release_memory",
     "renameat2",
 ]
