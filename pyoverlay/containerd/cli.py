@@ -313,17 +313,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     problems = sum(r.problems for r in results)
-    layers = sum(1 for r in results for lr in r.layers if lr.same_as is None)
+    layers = sum(1 for r in results for lr in r.layers if lr.same_as is None and not lr.skipped)
+    skipped = sum(1 for r in results for lr in r.layers if lr.skipped)
     data = sum(lr.uncompressed for r in results for lr in r.layers)
     if args.json:
         _emit_json(
-            {"root": root.root, "images": [r.as_dict() for r in results], "problems": problems}
+            {
+                "root": root.root,
+                "images": [r.as_dict() for r in results],
+                "problems": problems,
+                "skipped_layers": skipped,
+            }
         )
     else:
         print(
             f"verified {layers} layers of {len(results)} images "
             f"({data / 1e6:.1f} MB uncompressed): "
             + (f"{problems} problems" if problems != 1 else "1 problem")
+            + (f"; {skipped} layers not checked (blob discarded)" if skipped else "")
         )
     return 1 if problems else 0
 
@@ -342,6 +349,8 @@ def _print_image_result(result) -> None:
         head = f"  layer {lr.layer.index + 1}/{count} {_short(lr.layer.digest)} {where}:"
         if lr.same_as:
             print(f"{head} checked above with {lr.same_as}")
+        elif lr.skipped and not lr.findings:
+            print(f"{head} not checked: {lr.skipped}")
         elif not lr.findings:
             print(f"{head} ok")
         else:

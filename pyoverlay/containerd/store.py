@@ -210,6 +210,10 @@ class ContainerdRoot:
         return result
 
     # Content store ----------------------------------------------------------
+    def has_content_record(self, namespace: str, digest: str) -> bool:
+        """Whether meta.db records blob ``digest`` in ``namespace``."""
+        return self._ns_bucket(namespace, b"content", b"blob", digest.encode()) is not None
+
     def blob_path(self, digest: str) -> str:
         match = DIGEST_RE.match(digest)
         if not match:

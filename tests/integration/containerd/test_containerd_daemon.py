@@ -141,3 +141,29 @@ def test_progress_bar_only_on_a_terminal(ctrd: CtrdEnv) -> None:
     assert proc.returncode == 0
     assert b"[" in err and b"%" in err  # drawn on the terminal...
     assert b"[" not in proc.stdout and proc.stdout.decode().startswith("checked ")  # ...not here
+
+
+def test_discarded_layer_blob_is_not_a_problem(ctrd: CtrdEnv, tmp_path) -> None:
+    """CRI's discard_unpacked_layers: blob and record gone, snapshot still there."""
+    from .ctrd_images import Entry, image_tar
+
+    data, info = image_tar("docker.io/test/discard:1", [([Entry("f", data=b"x")], "gzip")])
+    (tmp_path / "d.tar").write_bytes(data)
+    ctrd.daemon.import_image(str(tmp_path / "d.tar"), namespace="discard")
+    ctrd.daemon.ctr("content", "rm", info["layers"][0], namespace="discard")
+    # containerd's garbage collector removes the blob file shortly after the record.
+    import os
+    import time
+
+    blob = f"{ctrd.daemon.root}/io.containerd.content.v1.content/blobs/sha256/"
+    blob += info["layers"][0].split(":")[1]
+    deadline = time.monotonic() + 20
+    while os.path.exists(blob) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(blob), "containerd did not collect the blob"
+    res = run_cli("containerd", "verify", "--all", "-n", "discard", "--root", ctrd.daemon.root)
+    assert res.code == 0, res.out
+    assert "not checked: its blob was discarded after unpacking" in res.out
+    assert res.out.strip().endswith("0 problems; 1 layers not checked (blob discarded)")
+    res = run_cli("containerd", "check", "--root", ctrd.daemon.root)
+    assert res.code == 0, res.out
