@@ -17,6 +17,7 @@ from pyoverlay.errors import UsageError
 
 if TYPE_CHECKING:  # the store is imported on use: other pyoverlay commands start faster
     from pyoverlay.containerd.store import ContainerdRoot, Image
+    from pyoverlay.containerd.verify import ImageResult
 
 DEFAULT_ROOT = "/var/lib/containerd"
 
@@ -163,7 +164,9 @@ def _image_dict(image: Image) -> dict:
     }
 
 
-def _selected_images(root: ContainerdRoot, args: argparse.Namespace, names: list[str]):
+def _selected_images(
+    root: ContainerdRoot, args: argparse.Namespace, names: list[str]
+) -> list[Image]:
     from pyoverlay.containerd.store import ContainerdError, normalize_ref
 
     wanted = {n for name in names for n in (name, normalize_ref(name))}
@@ -335,7 +338,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _print_image_result(result) -> None:
+def _print_image_result(result: ImageResult) -> None:
     from pyoverlay.containerd.verify import printable
 
     image = result.image

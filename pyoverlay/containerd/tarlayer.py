@@ -297,7 +297,15 @@ def entries(stream: BlobStream) -> Iterator[TarEntry]:
         _skip(stream, entry.remaining + _padding(entry.size))
 
 
-def _make_entry(header, typeflag, size, pax, long_name, long_link, offset) -> TarEntry:
+def _make_entry(
+    header: bytes,
+    typeflag: bytes,
+    size: int,
+    pax: dict[str, bytes],
+    long_name: str | None,
+    long_link: str | None,
+    offset: int,
+) -> TarEntry:
     name = _string(header[0:100])
     if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
         name = _string(header[345:500]) + "/" + name

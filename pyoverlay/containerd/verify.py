@@ -374,7 +374,9 @@ class LayerCheck:
         finally:
             os.close(fd)
 
-    def _content_finding(self, path, size, tar_sha, disk_size, disk_sha) -> None:
+    def _content_finding(
+        self, path: str, size: int, tar_sha: hashlib._Hash, disk_size: int, disk_sha: hashlib._Hash
+    ) -> None:
         self.add(
             "content",
             path,
