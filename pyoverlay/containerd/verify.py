@@ -9,6 +9,7 @@ and files are opened with O_NOATIME and O_NOFOLLOW.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import hashlib
@@ -133,14 +134,23 @@ def _entry_desc(entry: TarEntry) -> str:
 
 
 class _Dirs:
-    """Directory fds inside one snapshot, opened a component at a time, never via symlinks."""
+    """Directory fds inside one snapshot, opened a component at a time, never via symlinks.
+
+    A bounded LRU: callers hold at most two fds at once, and those are always the most
+    recently used, so evicting the oldest never closes an fd still in use.
+    """
+
+    LIMIT = 256
 
     def __init__(self, fs: str) -> None:
         self.root = fsread.open_noatime(fs, os.O_DIRECTORY)
-        self.cache: dict[str, int | None] = {"": self.root}
+        self.cache: collections.OrderedDict[str, int | None] = collections.OrderedDict()
 
     def fd(self, rel: str) -> int | None:
+        if not rel:
+            return self.root
         if rel in self.cache:
+            self.cache.move_to_end(rel)
             return self.cache[rel]
         parent, _, name = rel.rpartition("/")
         pfd = self.fd(parent)
@@ -149,24 +159,19 @@ class _Dirs:
             try:
                 fd = fsread.open_noatime(name, os.O_DIRECTORY, dir_fd=pfd)
             except OSError:
-                fd = None
-        if len(self.cache) > 256:
-            self._trim()
+                fd = None  # missing, not a directory, or a symlink: never followed
         self.cache[rel] = fd
+        if len(self.cache) > self.LIMIT:
+            _old, old_fd = self.cache.popitem(last=False)
+            if old_fd is not None:
+                os.close(old_fd)
         return fd
 
-    def _trim(self) -> None:
-        for key, fd in list(self.cache.items()):
-            if key and fd is not None:
-                os.close(fd)
-            if key:
-                del self.cache[key]
-
     def close(self) -> None:
-        for fd in self.cache.values():
+        for fd in [self.root, *self.cache.values()]:
             if fd is not None:
                 os.close(fd)
-        self.cache = {}
+        self.cache.clear()
 
 
 def _xattr(pfd: int, name: str, key: str) -> bytes | None:

@@ -232,3 +232,24 @@ def test_hostile_names_stay_on_one_line(tmp_path: Path) -> None:
     line = found[0].line()
     assert "\n" not in line and "\x1b" not in line and line.isprintable()
     assert "evil\\nmissing" in line and "\\udcff" in line
+
+
+def test_many_directories_exercise_the_fd_cache(tmp_path: Path) -> None:
+    members = []
+    for i in range(300):
+        members.append((info(f"d{i}/", tarfile.DIRTYPE, mode=0o755), b""))
+        members.append((info(f"d{i}/sub/", tarfile.DIRTYPE, mode=0o755), b""))
+        members.append((info(f"d{i}/sub/f"), b"%d" % i))
+    members.append((info("d0/late"), b"after 300 other directories"))
+    raw = make_tar(members)
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        tar.extractall(fs, filter="fully_trusted")
+    assert _check(tmp_path, raw, fs, base=True) == set()
+    (fs / "d150/sub/f").unlink()
+    (fs / "d0/late").write_bytes(b"changed")
+    assert _check(tmp_path, raw, fs, base=True) == {
+        ("missing", "/d150/sub/f"),
+        ("content", "/d0/late"),
+    }
