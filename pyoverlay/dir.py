@@ -69,6 +69,10 @@ def create(
         os.chown(temp, uid, gid, dir_fd=work, follow_symlinks=False)
         if not stat.S_ISLNK(mode):  # after chown, which clears setgid
             os.chmod(temp, stat.S_IMODE(mode), dir_fd=work)
+        if stat.S_ISDIR(mode) and ov.opts.redirect_dir and parent.has_lower:
+            # The kernel does so when offline layer changes are not allowed: a lower
+            # dir redirected here later must not merge into a new directory.
+            _set_opaque(ov, at_path(work, temp))
         _publish_new(ov, parent_path, name, temp, is_dir=stat.S_ISDIR(mode))
     except BaseException:
         if fd is not None:
@@ -266,18 +270,11 @@ def _forget(ov: Overlay, path: bytes) -> None:
 
 def rename(ov: Overlay, old: bytes, new: bytes, flags: int = 0) -> None:
     """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE, in the kernel's way."""
-    ov.require_writable()
-    exchange = bool(flags & RENAME_EXCHANGE)
-    if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or (exchange and flags & RENAME_NOREPLACE):
-        raise _error(errno.EINVAL)
-    src = ov.lookup(old)
-    dst = ov.resolve(new)
-    _check_rename(ov, old, new, src, dst, flags)
-    if old == new or (dst is not None and _same_object(ov, src, dst)):
+    checked = check_rename(ov, old, new, flags)
+    if checked is None:
         return
-    for res in (src, dst) if exchange else (src,):
-        if res is not None and res.is_dir and res.has_lower and not ov.opts.redirect_dir:
-            raise _error(errno.EXDEV, res.path)
+    src, dst = checked
+    exchange = bool(flags & RENAME_EXCHANGE)
     old_parent, old_name = split(old)
     new_parent = split(new)[0]
     needs_whiteout = not exchange and ov.lower_positive(ov.lookup(old_parent), old_name)
@@ -299,7 +296,27 @@ def rename(ov: Overlay, old: bytes, new: bytes, flags: int = 0) -> None:
     _forget(ov, new)
 
 
-def _check_rename(
+def check_rename(
+    ov: Overlay, old: bytes, new: bytes, flags: int
+) -> tuple[Resolved, Resolved | None] | None:
+    """Every error rename(2) can give before anything changes (nothing is copied up
+    for a rename that fails); None for a rename that has nothing to do."""
+    ov.require_writable()
+    exchange = bool(flags & RENAME_EXCHANGE)
+    if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or (exchange and flags & RENAME_NOREPLACE):
+        raise _error(errno.EINVAL)
+    src = ov.lookup(old)
+    dst = ov.resolve(new)
+    _check_names(ov, old, new, src, dst, flags)
+    if old == new or (dst is not None and _same_object(ov, src, dst)):
+        return None
+    for res in (src, dst) if exchange else (src,):
+        if res is not None and res.is_dir and res.has_lower and not ov.opts.redirect_dir:
+            raise _error(errno.EXDEV, res.path)
+    return src, dst
+
+
+def _check_names(
     ov: Overlay, old: bytes, new: bytes, src: Resolved, dst: Resolved | None, flags: int
 ) -> None:
     if not old:
