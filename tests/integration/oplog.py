@@ -46,6 +46,8 @@ IGNORED_UPPER_XATTRS = frozenset(
     for prefix in ("trusted.overlay.", "user.overlay.")
     for name in ("origin", "impure", "nlink", "uuid", "upper", "metacopy")
 )
+#: One 4 KiB filesystem block in st_blocks units (device nodes report other blksizes).
+XATTR_BLOCK_SECTORS = 4096 // 512
 #: mtimes at or after this (set by the clock during a test) compare as "new".
 RECENT = -1
 
@@ -423,7 +425,7 @@ def forgive_xattr_block(want: TreeView, got: TreeView) -> TreeView:
     nodes = dict(got.nodes)
     for path, node in got.nodes.items():
         other = want.nodes.get(path)
-        if other is not None and other.blocks - node.blocks == node.blksize // 512:
+        if other is not None and other.blocks - node.blocks == XATTR_BLOCK_SECTORS:
             nodes[path] = dataclasses.replace(node, blocks=other.blocks)
     return dataclasses.replace(got, nodes=nodes)
 

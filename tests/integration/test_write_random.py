@@ -51,11 +51,12 @@ class WriteMachine(RuleBasedStateMachine):
 
     src: Path
     workspace: Path
+    redirect = False
 
     def __init__(self) -> None:
         super().__init__()
         self.base = Path(tempfile.mkdtemp(dir=self.workspace))
-        self.pair = Pair(self.src, self.base)
+        self.pair = Pair(self.src, self.base, redirect=self.redirect)
         self.pair.__enter__()
 
     def teardown(self) -> None:
@@ -114,6 +115,10 @@ class WriteMachine(RuleBasedStateMachine):
     @rule(src=PATHS, dst=PATHS, flags=st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE]))
     def rename(self, src: str, dst: str, flags: int) -> None:
         self.do(op("rename", src, dst, flags))
+
+    @rule(src=st.sampled_from(DIRS), dst=st.sampled_from(DIRS + NEW + ["d/sub/x", "m/x"]))
+    def rename_dir(self, src: str, dst: str) -> None:
+        self.do(op("rename", src, dst))
 
     # -- data and attributes ---------------------------------------------------------
 
@@ -174,7 +179,13 @@ class WriteMachine(RuleBasedStateMachine):
         self.do(op("listdir", path))
 
 
-def machine_settings(soak: bool) -> settings:
+class RedirectMachine(WriteMachine):
+    """The same rules with ``redirect_dir=on`` on both sides: lower directories move."""
+
+    redirect = True
+
+
+def machine_settings(soak: bool, examples: int = 12) -> settings:
     if soak:
         return settings(
             max_examples=int(os.environ.get("PYOVERLAY_SOAK_EXAMPLES", "300")),
@@ -186,7 +197,7 @@ def machine_settings(soak: bool) -> settings:
     # A fixed budget: the same sequences every run, no shrinking (the failure report
     # lists every step already), well under a minute on two cores.
     return settings(
-        max_examples=12,
+        max_examples=examples,
         stateful_step_count=25,
         deadline=None,
         derandomize=True,
@@ -196,23 +207,31 @@ def machine_settings(soak: bool) -> settings:
     )
 
 
-@pytest.fixture(scope="module")
-def machine(tmp_path_factory: pytest.TempPathFactory) -> type[WriteMachine]:
+MACHINES = {"redirect_off": (WriteMachine, 12), "redirect_on": (RedirectMachine, 6)}
+
+
+@pytest.fixture(scope="module", params=sorted(MACHINES))
+def machine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[type[WriteMachine], int]:
+    cls, examples = MACHINES[request.param]
     root = tmp_path_factory.mktemp("random")
-    WriteMachine.src = build_write_set(root / "src")
-    WriteMachine.workspace = root
-    return WriteMachine
+    cls.src = build_write_set(root / "src")
+    cls.workspace = root
+    return cls, examples
 
 
 @pytest.mark.timeout(6 * 3600 if SOAK else 240)
-def test_random_sequences(machine: type[WriteMachine]) -> None:
+def test_random_sequences(machine: tuple[type[WriteMachine], int]) -> None:
     """The fixed budget; with PYOVERLAY_SOAK=1 the long random mode."""
-    machine.TestCase.settings = machine_settings(SOAK)
-    machine.TestCase().runTest()
+    cls, examples = machine
+    cls.TestCase.settings = machine_settings(SOAK, examples)
+    cls.TestCase().runTest()
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(6 * 3600)
-def test_random_sequences_soak(machine: type[WriteMachine]) -> None:
-    machine.TestCase.settings = machine_settings(True)
-    machine.TestCase().runTest()
+def test_random_sequences_soak(machine: tuple[type[WriteMachine], int]) -> None:
+    cls, _ = machine
+    cls.TestCase.settings = machine_settings(True)
+    cls.TestCase().runTest()
