@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify", parents=[common], help="compare snapshots with their layer blobs"
     )
     verify.add_argument("names", nargs="*", metavar="IMAGE")
-    verify.add_argument("--all", action="store_true", help="every image")
+    verify.add_argument(
+        "--all", action="store_true", help="every image (the default when none is named)"
+    )
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=cmd_verify)
 
@@ -293,8 +295,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from pyoverlay.containerd.verify import verify_image
 
-    if not args.names and not args.all:
-        raise UsageError("containerd verify: name one or more images, or use --all")
     if args.names and args.all:
         raise UsageError("containerd verify: give image names or --all, not both")
     root = _open(args)
