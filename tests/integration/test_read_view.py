@@ -8,7 +8,10 @@ to match the kernel exactly.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
+import hashlib
+import mmap
 import os
 import signal
 import stat
@@ -26,7 +29,9 @@ from mounts import (
     daemon_env,
     end_process,
     is_mounted,
+    kernel_overlay,
     pyoverlay_command,
+    pyoverlay_mount,
     umount_exact,
     wait_for_fuse_mount,
 )
@@ -97,14 +102,18 @@ def test_pyoverlay_shows_the_layer_set(
 def test_merged_view_identical(
     layer_set: LayerSet, kernel_view: TreeView, pyoverlay_view: TreeView
 ) -> None:
+    diff = _compare(layer_set, kernel_view, pyoverlay_view)
+    assert diff == [], "\n".join(diff)
+
+
+def _compare(layer_set: LayerSet, kernel_view: TreeView, view: TreeView) -> list[str]:
     # Directory sizes depend on the marker files the two variants hold; skip them there.
     # A one-lower read-only set gets an empty second lower on the kernel side (the kernel
     # wants two), which makes the kernel's root a merged dir with nlink 1; skip that too.
     padded = layer_set.lowers == 1 and not layer_set.upper
-    diff = diff_views(
-        kernel_view, pyoverlay_view, ignore_dir_size=layer_set.variants, ignore_root_nlink=padded
+    return diff_views(
+        kernel_view, view, ignore_dir_size=layer_set.variants, ignore_root_nlink=padded
     )
-    assert diff == [], "\n".join(diff)
 
 
 def test_inode_numbers_consistent(pyoverlay_view: TreeView) -> None:
@@ -332,6 +341,81 @@ def test_read_only_mount_refuses_writes(
         }
     assert set(got["kernel"].values()) <= {"EROFS", "ENOTEMPTY"}, got["kernel"]
     assert got["pyoverlay"] == got["kernel"]
+
+
+def test_mmap_and_pread_match(
+    kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
+) -> None:
+    """Files read through mmap and pread at odd offsets give the kernel's bytes."""
+    files = [p for p in tree_paths(kernel_view, "file") if kernel_view.nodes[p].size > 0]
+    files = sorted(files, key=lambda p: -kernel_view.nodes[p].size)[:8]
+    assert files, "every layer set holds some non-empty file"
+    for rel in files:
+        k, p = _mapped_and_pread(kernel_side, rel), _mapped_and_pread(pyoverlay_side, rel)
+        assert p == k, f"{rel!r}: mmap/pread content differs"
+
+
+def _mapped_and_pread(side: Side, rel: bytes) -> tuple[str, list[bytes]]:
+    fd = os.open(abspath(side.merged, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+            digest = hashlib.sha256(m).hexdigest()
+        offsets = sorted({0, 1, size // 3, size // 2 + 7, max(size - 5, 0), size, size + 100})
+        return digest, [os.pread(fd, 4099, off) for off in offsets]
+    finally:
+        os.close(fd)
+
+
+#: Sets small enough to walk four times at once in a second or two.
+SMALL_SETS = [s.name for s in LAYER_SETS if s.name != "bigdir"]
+
+
+@pytest.mark.parametrize("layer_set", SMALL_SETS, indirect=True)
+def test_concurrent_walks_agree(
+    layer_set: LayerSet, kernel_view: TreeView, pyoverlay_side: Side
+) -> None:
+    """Several threads walking and reading at once all see the kernel's view."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        views = list(pool.map(lambda _: snapshot(pyoverlay_side.merged), range(4)))
+    for view in views:
+        diff = _compare(layer_set, kernel_view, view)
+        assert diff == [], "\n".join(diff)
+        assert view.problems == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", ["kernel", "pyoverlay"])
+def test_inode_numbers_persist_across_remount(which: str, tmp_path: Path) -> None:
+    """Like the kernel with all layers on one filesystem, st_ino survives a remount."""
+    ls = BY_NAME["rw_6"]
+    src = ls.make(tmp_path / "src", "kernel")
+    work = src / "work"
+    work.mkdir()
+    merged = src / "merged"
+    merged.mkdir()
+    lowers = [src / n for n in ls.lower_names()]
+    maps = []
+    for _ in range(2):
+        if which == "kernel":
+            ctx = kernel_overlay(lowers, src / "upper", work, merged)
+        else:
+            args = [":".join(map(str, lowers)), str(src / "upper"), str(work), str(merged)]
+            ctx = pyoverlay_mount(args, merged)
+        with ctx:
+            maps.append(_inode_map(merged))
+    changed = [f"{p!r}: {a} -> {maps[1].get(p)}" for p, a in maps[0].items() if maps[1].get(p) != a]
+    assert changed[:30] == []
+
+
+def _inode_map(root: Path) -> dict[bytes, int]:
+    base = os.fsencode(root)
+    out = {b".": os.lstat(base).st_ino}
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, base)] = os.lstat(path).st_ino
+    return out
 
 
 # -- mount life cycle: background mode, umount, signals ----------------------------------
