@@ -287,6 +287,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from pyoverlay import super as overlay_super
 
     opts = MountOptions(lowerdirs=lowerdirs, read_only=True, noatime=True)
+    if target.chain[0].kind != "committed":
+        # A running container keeps writing its top layer: let the kernel cache nothing.
+        opts.cache = "none"
     overlay_super.mount(opts, args.mountpoint, foreground=args.foreground)
     return 0
 

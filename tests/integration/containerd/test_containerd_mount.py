@@ -162,6 +162,19 @@ def test_container_mount_equals_its_rootfs(ctrd: CtrdEnv, tmp_path: Path) -> Non
         merged.mkdir()
         with containerd_mount(ctrd.daemon.root, "cmp1", merged):
             assert tree(merged, frozenset(points)) == container_view
+            # The container keeps writing; the mount shows it without remounting.
+            ctrd.daemon.ctr(
+                "task",
+                "exec",
+                "--exec-id",
+                "w2",
+                "cmp1",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "echo later > /later",
+            )
+            assert (merged / "later").read_text() == "later\n"
             with pytest.raises(OSError) as info:
                 (merged / "new").write_text("x")
             assert info.value.errno == errno.EROFS
