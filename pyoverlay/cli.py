@@ -122,17 +122,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UsageError as exc:
-        print(f"pyoverlay: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return 2
     except PyoverlayError as exc:
-        print(f"pyoverlay: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return 1
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"pyoverlay: {exc.strerror or exc}{where}", file=sys.stderr)
+        _error_line(f"{exc.strerror or exc}{where}")
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _error_line(message: str) -> None:
+    """Print one line, whatever the message quotes: control characters are escaped."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    print(f"pyoverlay: {safe}", file=sys.stderr)
 
 
 if __name__ == "__main__":
