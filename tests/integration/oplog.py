@@ -26,6 +26,7 @@ import hashlib
 import os
 import pickle
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -94,6 +95,9 @@ def fallocate(fd: int, offset: int, length: int) -> None:
 
 # -- the layer set --------------------------------------------------------------------
 
+#: A VFS_CAP_REVISION_2 security.capability value: cap_net_raw, permitted + effective.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+
 
 def build_write_set(root: Path, prefix: str = "trusted.overlay.") -> Path:
     """Three lowers (``l0`` top .. ``l2``) plus ``upper`` under ``root``; returns ``root``.
@@ -130,6 +134,8 @@ def _bottom(b: Builder) -> None:
     b.dir("l2/sgid", 0o2777, (0, 100))
     b.file("l2/ro", b"read only\n", 0o444, (1000, 1000))
     b.file("l2/suid", b"#!/bin/sh\n", 0o4755)
+    b.file("l2/suid_user", b"#!/bin/sh\n", 0o6777, (1000, 1000))
+    b.file("l2/capfile", b"\x7fELF", 0o755, xattrs={"security.capability": CAP_NET_RAW})
     b.dir("l2/emptydir", 0o750)
     b.file("l2/ldir/x", b"ldir x\n")
     b.file("l2/ldir/y/z", b"ldir z\n")
@@ -360,6 +366,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "open_rw": lambda c, p: _open_close(c, p, os.O_RDWR),
     "open_trunc": lambda c, p: _open_close(c, p, os.O_WRONLY | os.O_TRUNC),
     "open_r": lambda c, p: _open_close(c, p, os.O_RDONLY),
+    "open_creat": lambda c, p: _open_close(c, p, os.O_RDONLY | os.O_CREAT, 0o644),
     "write": lambda c, p, off, data: _write(c, p, off, data),
     "append": lambda c, p, data: _write(c, p, -1, data, os.O_WRONLY | os.O_APPEND),
     "truncate": lambda c, p, size: os.truncate(c.p(p), size),

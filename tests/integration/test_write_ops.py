@@ -63,6 +63,8 @@ SCENARIOS: dict[str, list[Op]] = {
         op("create", "gone/x"),  # parent whited out: ENOENT
         op("create", "top/x"),  # parent is a file: ENOTDIR
         op("create", "l1only/new", 0o4755),
+        op("open_creat", "d/f0"),  # O_CREAT without O_EXCL on a lower file: no copy-up
+        op("open_creat", "d/new_c"),
         op("new_stat", "l1only/new"),
         op("listdir", "d"),
         op("listdir", "d/sub/deep"),
@@ -316,6 +318,17 @@ SCENARIOS: dict[str, list[Op]] = {
         op("stat_ino", "moved"),
         op("rename", "l1only/inner", "l1only/inner2"),
         op("stat_ino", "l1only/inner2"),
+    ],
+    "privileges": [
+        op("getxattr", "capfile", "security.capability"),
+        op("chmod", "capfile", 0o750),  # copy-up keeps the capability
+        op("getxattr", "capfile", "security.capability"),
+        op("write", "capfile", 0, b"X"),  # a write drops it
+        op("listxattr", "capfile"),
+        a(1000, 1000, op("write", "suid_user", 0, b"#")),  # drops setuid and setgid
+        op("stat", "suid_user"),
+        op("chown", "suid", 0, 0),  # root's chown of a setuid file clears the bit
+        op("stat", "suid"),
     ],
     "owners": [
         a(1000, 1000, op("create", "sgid/mine", 0o666)),
