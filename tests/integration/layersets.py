@@ -207,6 +207,9 @@ def mixed(b: Builder, layer: str, tag: str) -> None:
     b.symlink(f"{L}/dangling", "nowhere/at/all", (1000, 1000))
     b.symlink(f"{L}/dir_link", "sticky")
     b.node(f"{L}/fifo", stat.S_IFIFO, 0o640)
+    # Only trusted.* (not user.*) xattrs can sit on symlinks and special files.
+    os.setxattr(b.p(f"{L}/abs_link"), "trusted.linknote", b"on a symlink", follow_symlinks=False)
+    os.setxattr(b.p(f"{L}/fifo"), "trusted.fifonote", tag.encode())
     b.node(f"{L}/null_dev", stat.S_IFCHR, 0o666, os.makedev(1, 3))
     b.node(f"{L}/loop_dev", stat.S_IFBLK, 0o660, os.makedev(7, 0), (0, 6))
     b.node(f"{L}/socket", stat.S_IFSOCK, 0o755)

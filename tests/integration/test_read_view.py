@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import json
 import mmap
 import os
 import signal
@@ -175,9 +176,9 @@ def _marker_names(side: Side) -> list[bytes]:
     return sorted(found)
 
 
-def _errno_of(func: Callable[..., object], *args: object) -> str:
+def _errno_of(func: Callable[..., object], *args: object, **kwargs: object) -> str:
     try:
-        func(*args)
+        func(*args, **kwargs)
     except OSError as exc:
         return errno.errorcode.get(exc.errno or 0, str(exc.errno))
     return "ok"
@@ -262,13 +263,13 @@ USERS = ((0, 0), (1000, 1000), (2000, 2000))
 
 
 @pytest.mark.parametrize("uid,gid", USERS, ids=[f"uid{u}" for u, _ in USERS])
-def test_access(
+def test_permissions_as_user(
     uid: int, gid: int, kernel_side: Side, pyoverlay_side: Side, kernel_view: TreeView
 ) -> None:
-    """access(2) for F/R/W/X answers as on the kernel mount, for root and other users."""
+    """access(2), open, listxattr and getxattr answer as on the kernel mount, per user."""
     paths = _sample(tree_paths(kernel_view), 1500)
-    k = _access_as(kernel_side, paths, uid, gid)
-    p = _access_as(pyoverlay_side, paths, uid, gid)
+    k = _as_user(kernel_side, paths, uid, gid)
+    p = _as_user(pyoverlay_side, paths, uid, gid)
     diff = [
         f"{rel!r}: kernel {a} pyoverlay {b}"
         for rel, a, b in zip(paths, k, p, strict=True)
@@ -277,13 +278,28 @@ def test_access(
     assert diff[:40] == []
 
 
-def _access_as(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
-    """FRWX answers per path ('-' for no), computed in a child running as uid:gid.
+def _user_answers(rel: bytes) -> str:
+    """What one user gets for ``rel``: FRWX from access(2), then open/xattr results."""
+    modes = (os.F_OK, os.R_OK, os.W_OK, os.X_OK)
+    access = "".join(
+        "FRWX"[i] if os.access(rel, m, follow_symlinks=False) else "-" for i, m in enumerate(modes)
+    )
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    opened = _errno_of(lambda: os.close(os.open(rel, flags)))
+    try:
+        names = ",".join(sorted(os.listxattr(rel, follow_symlinks=False)))
+    except OSError as exc:
+        names = errno.errorcode.get(exc.errno or 0, "?")
+    comment = _errno_of(os.getxattr, rel, "user.comment", follow_symlinks=False)
+    return f"{access} open={opened} list=[{names}] get={comment}"
+
+
+def _as_user(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
+    """_user_answers for each path, computed in a child running as uid:gid.
 
     The child enters the mount as root and then drops privileges, so the tmp dirs
     above the mount (mode 0700) do not get in the way.
     """
-    modes = (os.F_OK, os.R_OK, os.W_OK, os.X_OK)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -294,14 +310,10 @@ def _access_as(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            out = "".join(
-                "".join(
-                    "FRWX"[i] if os.access(rel, m, follow_symlinks=False) else "-"
-                    for i, m in enumerate(modes)
-                )
-                for rel in paths
-            )
-            os.write(write_fd, out.encode())
+            out = json.dumps([_user_answers(rel) for rel in paths]).encode()
+            view = memoryview(out)
+            while view:
+                view = view[os.write(write_fd, view) :]
             code = 0
         finally:
             os._exit(code)
@@ -311,9 +323,8 @@ def _access_as(side: Side, paths: list[bytes], uid: int, gid: int) -> list[str]:
         data += chunk
     os.close(read_fd)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "access child failed"
-    text = data.decode()
-    return [text[i : i + 4] for i in range(0, len(text), 4)]
+    assert os.waitstatus_to_exitcode(status) == 0, "the child running as the user failed"
+    return json.loads(data)
 
 
 RO_SETS = [s.name for s in LAYER_SETS if not s.upper or s.ro_flag]
