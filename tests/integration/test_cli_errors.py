@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mounts import daemon_env, mounts_at, run_mount_expecting_failure, tmpfs
+from mounts import (
+    daemon_env,
+    end_process,
+    mounts_at,
+    pyoverlay_command,
+    run_mount_expecting_failure,
+    tmpfs,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -256,3 +263,25 @@ def test_umount_of_a_plain_directory(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path) in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("foreground", [True, False], ids=["foreground", "background"])
+def test_no_dev_fuse(foreground: bool, tmp_path: Path) -> None:
+    """Without /dev/fuse: one line naming it, exit 1 (run in a private mount namespace)."""
+    lower, upper, work, merged = _standard(tmp_path)
+    args = pyoverlay_command(_positional(lower, upper, work, merged), foreground=foreground)
+    # A tmpfs over /dev, visible only inside the new namespace, hides /dev/fuse. Anything
+    # the command might wrongly mount there dies with the namespace when it is ended.
+    script = 'mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && exec "$@"'
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=daemon_env()
+    )
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        end_process(proc)
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "/dev/fuse" in lines[0], stderr
