@@ -282,7 +282,7 @@ def rename(ov: Overlay, old: bytes, new: bytes, flags: int = 0) -> None:
     copy_up(ov, new_parent)
     if exchange:
         copy_up(ov, new)
-    elif dst is not None and dst.is_dir and dst.in_upper:
+    elif dst is not None and dst.is_dir and dst.in_upper and dst.has_lower:
         _clear_upper_dir(ov, new)
     _mark_moved_dir(ov, ov.lookup(old), src, new_parent, old_parent)
     if exchange:
@@ -313,6 +313,12 @@ def check_rename(
     for res in (src, dst) if exchange else (src,):
         if res is not None and res.is_dir and res.has_lower and not ov.opts.redirect_dir:
             raise _error(errno.EXDEV, res.path)
+    # Only a directory that merges lower layers is checked here; for one that lives only
+    # in upper the rename itself says ENOTEMPTY, after the steps before it (marking the
+    # moved directory opaque), as in the kernel.
+    merged_dst = not exchange and dst is not None and dst.is_dir and dst.has_lower
+    if merged_dst and not readdir.is_empty(ov.stack, dst):
+        raise _error(errno.ENOTEMPTY, new)
     return src, dst
 
 
@@ -339,8 +345,6 @@ def _check_names(
         raise _error(errno.ENOTDIR, new)
     if dst.is_dir and not src.is_dir:
         raise _error(errno.EISDIR, new)
-    if dst.is_dir and old != new and not readdir.is_empty(ov.stack, dst):
-        raise _error(errno.ENOTEMPTY, new)
 
 
 def _same_object(ov: Overlay, src: Resolved, dst: Resolved) -> bool:

@@ -460,7 +460,10 @@ class OverlayOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         path = self.nodes.path(inode)
         new_path = self._child(new_parent_inode, new_name)
-        await self._copy_up(path)
+        if self.ov.resolve(new_path) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if not self.ov.lookup(path).is_dir:
+            await self._copy_up(path)
         dirops.link(self.ov, path, new_path)
         return self._found(new_parent_inode, new_name, new_path)
 
@@ -490,8 +493,8 @@ class OverlayOperations(pyfuse3.Operations):
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
         await self._settle(old, new)
-        res = self.ov.lookup(old)
-        if not res.is_dir:
+        checked = dirops.check_rename(self.ov, old, new, flags)
+        if checked is not None and not checked[0].is_dir:
             await self._copy_up(old)
         dirops.rename(self.ov, old, new, flags)
         self.nodes.moved(
@@ -575,6 +578,7 @@ class OverlayOperations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         path = self.nodes.path(inode)
+        xattrs.check_settable(self.ov, os.fsdecode(name))
         await self._copy_up(path)
         xattrs.setxattr(self.ov, path, os.fsdecode(name), value)
 

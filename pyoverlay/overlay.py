@@ -41,7 +41,11 @@ class Overlay:
     def __init__(self, opts: MountOptions, *, cache_size: int = 65536):
         self.opts = opts
         upper = opts.upperdir if opts.upperdir and not opts.read_only else None
-        self.stack = LayerStack(opts.lowerdirs, upper)
+        lowers = list(opts.lowerdirs)
+        if opts.upperdir and opts.read_only:
+            # `ro` with an upper dir shows it as the top layer, written like no lower is.
+            lowers.insert(0, opts.upperdir)
+        self.stack = LayerStack(lowers, upper)
         self.writable = upper is not None
         self.work_fd = -1
         if self.writable:

@@ -77,6 +77,11 @@ def _writable_name(ov: Overlay, name: str) -> str:
     return stored
 
 
+def check_settable(ov: Overlay, name: str) -> None:
+    """Refuse a private name before anything is copied up for it."""
+    _writable_name(ov, name)
+
+
 def setxattr(ov: Overlay, path: bytes, name: str, value: bytes, flags: int = 0) -> None:
     stored = _writable_name(ov, name)
     ov.require_writable()
