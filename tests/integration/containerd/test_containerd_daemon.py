@@ -167,3 +167,52 @@ def test_discarded_layer_blob_is_not_a_problem(ctrd: CtrdEnv, tmp_path) -> None:
     assert res.out.strip().endswith("0 problems; 1 layers not checked (blob discarded)")
     res = run_cli("containerd", "check", "--root", ctrd.daemon.root)
     assert res.code == 0, res.out
+
+
+def _fuzz_real_db(path: str, examples: int) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from pyoverlay.containerd.bolt import BoltDB, BoltError
+
+    with open(path, "rb") as f:
+        original = f.read()
+
+    def dump(bucket) -> int:
+        return sum(1 if isinstance(v, bytes) else 1 + dump(v) for _k, v in bucket.items())
+
+    @settings(max_examples=examples, deadline=2000, suppress_health_check=list(HealthCheck))
+    @given(
+        edits=st.lists(
+            st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)), max_size=12
+        ),
+        cut=st.one_of(st.none(), st.integers(0, len(original))),
+    )
+    def run(edits, cut) -> None:
+        data = bytearray(original)
+        for offset, value in edits:
+            data[offset] = value
+        if cut is not None:
+            del data[cut:]
+        try:
+            dump(BoltDB(bytes(data), "meta.db").root)
+        except BoltError as exc:
+            assert "\n" not in str(exc)
+
+    assert dump(BoltDB(original).root) > 20  # the real file parses and is not trivial
+    run()
+
+
+@pytest.mark.parametrize("db", ["meta", "snapshotter"])
+def test_fuzz_real_containerd_databases(ctrd: CtrdEnv, db: str) -> None:
+    sub = {
+        "meta": "io.containerd.metadata.v1.bolt/meta.db",
+        "snapshotter": "io.containerd.snapshotter.v1.overlayfs/metadata.db",
+    }[db]
+    _fuzz_real_db(str(ctrd.pristine / sub), 100)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_fuzz_real_meta_db_soak(ctrd: CtrdEnv) -> None:
+    _fuzz_real_db(str(ctrd.pristine / "io.containerd.metadata.v1.bolt/meta.db"), 5000)
