@@ -185,7 +185,8 @@ def _content_hash(path: str) -> str:
 
 def fingerprint(root: Path, *, atime: bool = False) -> dict[str, tuple]:
     """Every object under ``root`` (root itself included): type, mode, owner, size, rdev,
-    content hash or link target, xattrs and mtime (and atime if asked)."""
+    content hash or link target, xattrs and mtime (and, if asked, the atime of everything
+    but symlinks)."""
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -208,7 +209,8 @@ def fingerprint(root: Path, *, atime: bool = False) -> dict[str, tuple]:
                 what,
                 tuple(_xattrs(full).items()),
                 st.st_mtime_ns,
-                st.st_atime_ns if atime else 0,
+                # readlink(2) itself sets a symlink's atime: only other objects' count
+                st.st_atime_ns if atime and not stat.S_ISLNK(st.st_mode) else 0,
             )
     return out
 
