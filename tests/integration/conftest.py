@@ -10,6 +10,7 @@ the teardown in mounts.py runs even when a test fails.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -101,8 +102,10 @@ def pyoverlay_side(built: Built) -> Iterator[Side]:
 def kernel_view(kernel_side: Side) -> TreeView:
     # On the first walk of a fresh upper the kernel records origin xattrs for merged
     # directories, and until then its readdir reports the upper dir's d_ino while stat
-    # reports the origin's. The second walk shows the kernel's settled behaviour.
-    snapshot(kernel_side.merged)
+    # reports the origin's. A first lookup of every name lets it settle.
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(kernel_side.merged)):
+        for name in [*dirnames, *filenames]:
+            os.lstat(os.path.join(dirpath, name))
     return snapshot(kernel_side.merged)
 
 
