@@ -271,9 +271,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             f"(also in {', '.join(target.also_in)}; pick one with --namespace)",
             file=sys.stderr,
         )
-    missing = [snap.fs for snap in target.chain if not os.path.isdir(snap.fs)]
-    if missing:
-        raise ContainerdError(f"{target.kind} {target.name}: snapshot dir {missing[0]} is missing")
+    from pyoverlay.containerd.fsread import is_real_dir
+
+    bad = [snap.fs for snap in target.chain if not is_real_dir(snap.fs)]
+    if bad:
+        raise ContainerdError(
+            f"{target.kind} {target.name}: snapshot dir {bad[0]} is missing or not a directory"
+        )
     lowerdirs = [snap.fs for snap in target.chain]
     if args.print_lowerdir:
         if args.json:

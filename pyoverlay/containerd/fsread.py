@@ -26,6 +26,18 @@ def open_noatime(path: str, flags: int = 0, *, dir_fd: int | None = None) -> int
         return os.open(path, flags, dir_fd=dir_fd)
 
 
+def is_real_dir(path: str) -> bool:
+    """A directory reached without a symlink in its last two components.
+
+    Snapshot ``fs`` dirs and their ``snapshots/<id>`` parents are never symlinks in a
+    healthy root; following one would read (or mount) something outside the root.
+    """
+    try:
+        return all(stat.S_ISDIR(os.lstat(p).st_mode) for p in (path, os.path.dirname(path)))
+    except OSError:
+        return False
+
+
 def list_dir(path: str) -> list[tuple[str, os.stat_result]]:
     """(name, lstat) of each entry of a directory, listed through an O_NOATIME fd."""
     fd = open_noatime(path, os.O_DIRECTORY)

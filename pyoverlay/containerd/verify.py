@@ -456,8 +456,9 @@ def verify_layer(
     snap = layer.snapshot
     if snap is None:
         add(Finding("snapshot", None, f"not unpacked: no snapshot for chainID {layer.chain_id}"))
-    elif not os.path.isdir(snap.fs):
-        add(Finding("snapshot", None, f"snapshot directory {snap.fs} is missing"))
+    elif not fsread.is_real_dir(snap.fs):
+        state = "is not a directory (or is a symlink)" if os.path.lexists(snap.fs) else "is missing"
+        add(Finding("snapshot", None, f"snapshot directory {snap.fs} {state}"))
     try:
         blob = root.blob_path(layer.digest)
         stream = BlobStream(blob)
@@ -474,7 +475,7 @@ def verify_layer(
         return result
     try:
         files, error = [], None
-        if snap is not None and os.path.isdir(snap.fs):
+        if snap is not None and fsread.is_real_dir(snap.fs):
             files, error = LayerCheck(stream, snap.fs, not snap.parent, progress).run()
         if error is None:
             try:

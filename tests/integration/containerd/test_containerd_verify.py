@@ -270,3 +270,19 @@ def test_cp_is_faithful(ctrd: CtrdEnv, root: Path) -> None:
         check=True,
     ).stdout
     assert out.strip() == "character special file 1:3"
+
+
+def test_symlinked_snapshot_dir_is_not_followed(ctrd: CtrdEnv, root: Path, tmp_path: Path) -> None:
+    """A snapshot dir replaced by a symlink to a perfect copy elsewhere is still damage."""
+    fs = layer_dir(ctrd, root, "k8s.io", PAUSE, 0)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(fs, elsewhere, symlinks=True)
+    shutil.rmtree(fs)
+    fs.symlink_to(elsewhere)
+    code, found, _ = verify_all(root)
+    assert code == 1
+    assert found == {("k8s.io", PAUSE, 0, str(fs), "snapshot", None)}
+    res = run_cli(
+        "containerd", "mount", "-n", "k8s.io", "pause:3.9", str(tmp_path), "--root", str(root)
+    )
+    assert res.code == 1 and "missing or not a directory" in res.err
