@@ -24,20 +24,14 @@ def check_snapshots(root: ContainerdRoot) -> list[Finding]:
     findings = []
     snaps = root.snapshots()
     for snap in sorted(snaps.values(), key=lambda s: s.id):
-        if not os.path.isdir(snap.directory):
+        if not fsread.is_real_dir(snap.fs):
+            gone = snap.fs if os.path.lexists(snap.directory) else snap.directory
+            state = "is not a directory" if os.path.lexists(gone) else "is missing"
             findings.append(
                 Finding(
                     "record-without-directory",
                     None,
-                    f"snapshot {snap.id} ({snap.kind}, {snap.name}): {snap.directory} is missing",
-                )
-            )
-        elif not os.path.isdir(snap.fs):
-            findings.append(
-                Finding(
-                    "record-without-directory",
-                    None,
-                    f"snapshot {snap.id} ({snap.kind}, {snap.name}): {snap.fs} is missing",
+                    f"snapshot {snap.id} ({snap.kind}, {snap.name}): {gone} {state}",
                 )
             )
     known_ids = {snap.id for snap in snaps.values()}
