@@ -9,6 +9,7 @@ to match the kernel exactly.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import json
@@ -610,3 +611,125 @@ def test_lower_layers_untouched(pyoverlay_side: Side) -> None:
     for lower, before in zip(pyoverlay_side.lowers, pyoverlay_side.lowers_before, strict=True):
         diffs += [f"{lower.name}: {d}" for d in diff_views(before, snapshot(lower))]
     assert diffs == [], "\n".join(diffs)
+
+
+# -- files and paths at the edges ------------------------------------------------------
+
+
+def _two_lower_sides(tmp: Path, build: Callable[[Path], None]) -> list[tuple[str, Path]]:
+    """Lowers ``l0``, ``l1`` built by ``build``, once for a kernel and once for a pyoverlay
+    mount (built twice rather than copied: cp fails on paths beyond PATH_MAX)."""
+    sides = []
+    for name in ("kernel", "pyoverlay"):
+        root = tmp / name
+        for sub in ("l0", "l1", "merged"):
+            (root / sub).mkdir(parents=True)
+        build(root)
+        sides.append((name, root))
+    return sides
+
+
+def _mount_ro(name: str, root: Path) -> contextlib.AbstractContextManager[Path]:
+    lowers = [root / "l0", root / "l1"]
+    if name == "kernel":
+        return kernel_overlay(lowers, None, None, root / "merged")
+    args = ["--read-only", f"{lowers[0]}:{lowers[1]}", str(root / "merged")]
+    return pyoverlay_mount(args, root / "merged")
+
+
+HUGE = 5 << 30
+DATA_AT = (4 << 30) + 12345
+
+
+def _make_sparse(src: Path) -> None:
+    with open(src / "l1" / "huge", "wb") as f:
+        f.truncate(HUGE)
+        f.seek(DATA_AT)
+        f.write(b"data past 4 GiB\n" * 256)
+
+
+def _sparse_answers(path: Path) -> dict[str, object]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        answers: dict[str, object] = {"size": st.st_size, "blocks": st.st_blocks}
+        for off in (0, DATA_AT - 3, DATA_AT + 4000, HUGE - 5, HUGE, HUGE + 10):
+            answers[f"pread@{off}"] = os.pread(fd, 64, off)
+        for whence, label in ((os.SEEK_DATA, "SEEK_DATA"), (os.SEEK_HOLE, "SEEK_HOLE")):
+            for off in (0, DATA_AT + 10):
+                try:
+                    answers[f"{label}@{off}"] = os.lseek(fd, off, whence)
+                except OSError as exc:
+                    answers[f"{label}@{off}"] = errno.errorcode.get(exc.errno or 0, "?")
+        return answers
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(90)
+def test_sparse_file_past_4gib(tmp_path: Path) -> None:
+    """A 5 GiB sparse lower file: size, blocks, reads past 4 GiB and SEEK_DATA/HOLE."""
+    got = {}
+    for name, root in _two_lower_sides(tmp_path, _make_sparse):
+        with _mount_ro(name, root) as merged:
+            got[name] = _sparse_answers(merged / "huge")
+    assert got["pyoverlay"] == got["kernel"]
+
+
+LONG_NAME_LEN = 200
+LONG_DEPTH = 30  # about 6000 bytes of path, beyond PATH_MAX
+
+
+def _long_names() -> list[bytes]:
+    return [(b"%02d" % i) + b"n" * (LONG_NAME_LEN - 2) for i in range(LONG_DEPTH)]
+
+
+def _make_long_chain(src: Path) -> None:
+    """The chain in l1, its first half also in l0 with a file of its own at each level."""
+    for layer, depth in (("l1", LONG_DEPTH), ("l0", LONG_DEPTH // 2)):
+        fd = os.open(src / layer, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i, name in enumerate(_long_names()[:depth]):
+                os.mkdir(name, dir_fd=fd)
+                nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                leaf = os.open(f"{layer}_{i}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                os.write(leaf, f"{layer} level {i}\n".encode())
+                os.close(leaf)
+        finally:
+            os.close(fd)
+
+
+def _walk_long_chain(merged: Path) -> list[tuple[object, ...]]:
+    """Per level: sorted listing, and each file's mode, size and content (fd-relative)."""
+    out: list[tuple[object, ...]] = []
+    fd = os.open(merged, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in _long_names():
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            for entry in sorted(os.listdir(fd)):
+                st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                data = b""
+                if stat.S_ISREG(st.st_mode):
+                    ffd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+                    data = os.read(ffd, 100)
+                    os.close(ffd)
+                out.append((entry[:4], st.st_mode, st.st_size, data))
+        return out
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(90)
+def test_paths_longer_than_path_max(tmp_path: Path) -> None:
+    """Names resolved one component at a time work past PATH_MAX, as on the kernel."""
+    got = {}
+    for name, root in _two_lower_sides(tmp_path, _make_long_chain):
+        with _mount_ro(name, root) as merged:
+            got[name] = _walk_long_chain(merged)
+    # Each level lists the next dir (but the last), l1's file, and l0's in the first half.
+    assert len(got["kernel"]) == (LONG_DEPTH - 1) + LONG_DEPTH + LONG_DEPTH // 2
+    assert got["pyoverlay"] == got["kernel"]
