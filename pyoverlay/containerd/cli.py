@@ -27,9 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser(
         "containerd",
         help="inspect a containerd root: list, mount and verify snapshots",
-        description=__doc__.splitlines()[0],
+        description="Inspect a containerd root (read-only): list, mount and verify snapshots.",
     )
-    sub = group.add_subparsers(dest="ctrd_command", required=True, parser_class=type(group))
+    sub = group.add_subparsers(
+        dest="ctrd_command",
+        required=True,
+        parser_class=type(group),
+        metavar="{images,snapshots,mount,verify,check}",
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=DEFAULT_ROOT, help="containerd root directory")
     scope = common.add_mutually_exclusive_group()
