@@ -60,3 +60,15 @@ def test_missing_config_blob_and_no_snapshotter_db(tmp_path: Path) -> None:
     assert config in findings[0]["detail"] and "missing" in findings[0]["detail"]
     code, out, _ = run("containerd", "snapshots", "--root", str(root), "--json")
     assert code == 0 and json.loads(out)["snapshots"] == []
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    for args in (
+        ["containerd"],
+        ["containerd", "verify", "x", "--all", "--root", str(tmp_path)],
+        ["containerd", "images", "-n", "a", "-A"],
+        ["containerd", "mount", "only-one-arg"],
+    ):
+        code, out, err = run(*args)
+        assert (code, out) == (2, ""), args
+        assert err.startswith("pyoverlay: ") and err.count("\n") == 1, (args, err)
