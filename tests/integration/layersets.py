@@ -160,6 +160,7 @@ def blob(seed: str, size: int) -> bytes:
     return bytes(out[:size])
 
 
+TRUE_ELF = Path("/bin/true").read_bytes()
 WEIRD_NAMES = (
     b"with space",
     b"new\nline",
@@ -183,6 +184,7 @@ def mixed(b: Builder, layer: str, tag: str) -> None:
     b.file(f"{L}/setgid", b"#!/bin/sh\n", 0o2750, (0, 65534))
     b.file(f"{L}/readonly", b"ro\n", 0o444, (65534, 65534))
     b.file(f"{L}/empty", b"")
+    b.file(f"{L}/true_elf", TRUE_ELF, 0o755)  # a real binary: exec maps it from the mount
     b.file(f"{L}/big.bin", blob(tag, 300_000))
     b.file(
         f"{L}/xattrs",

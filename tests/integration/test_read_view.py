@@ -430,6 +430,27 @@ def _inode_map(root: Path) -> dict[bytes, int]:
     return out
 
 
+#: Sets whose merged view holds the mixed content, with ``true_elf`` and ``setuid``.
+MIXED_SETS = ["ro_1", "rw_1", "ro_3", "rw_6"]
+
+
+@pytest.mark.parametrize("layer_set", MIXED_SETS, indirect=True)
+def test_exec_from_the_mount(layer_set: LayerSet, kernel_side: Side, pyoverlay_side: Side) -> None:
+    """A binary and a script in the merged tree run as they do from the kernel mount."""
+    got = {}
+    for name, side in (("kernel", kernel_side), ("pyoverlay", pyoverlay_side)):
+        runs = []
+        for rel in ("true_elf", "setuid", "file_644"):
+            try:
+                res = subprocess.run([str(side.merged / rel)], capture_output=True, timeout=20)
+                runs.append((rel, res.returncode))
+            except OSError as exc:
+                runs.append((rel, errno.errorcode.get(exc.errno or 0, "?")))
+        got[name] = runs
+    assert got["kernel"] == [("true_elf", 0), ("setuid", 0), ("file_644", "EACCES")]
+    assert got["pyoverlay"] == got["kernel"]
+
+
 # -- mount life cycle: background mode, umount, signals ----------------------------------
 
 
