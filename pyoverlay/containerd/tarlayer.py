@@ -23,6 +23,7 @@ from pyoverlay.containerd.fsread import open_noatime
 from pyoverlay.errors import PyoverlayError
 
 CHUNK = 1 << 20
+MAX_EXTENDED = 1 << 20  # PAX records and GNU long names
 BLOCK = 512
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -273,6 +274,8 @@ def entries(stream: BlobStream) -> Iterator[TarEntry]:
         if size < 0:
             raise LayerError(f"negative size in tar header at offset {offset}")
         if typeflag in (b"x", b"g", b"L", b"K"):
+            if size > MAX_EXTENDED:  # held in memory: refuse absurd sizes, as Go's tar does
+                raise LayerError(f"extended header of {size} bytes at offset {offset}")
             data = stream.read_exact(size, "an extended header")
             _skip(stream, _padding(size))
             if typeflag == b"x":

@@ -253,3 +253,17 @@ def test_many_directories_exercise_the_fd_cache(tmp_path: Path) -> None:
         ("missing", "/d150/sub/f"),
         ("content", "/d0/late"),
     }
+
+
+def test_huge_extended_header_is_refused_not_buffered(tmp_path: Path) -> None:
+    header = bytearray(512)
+    header[0:4] = b"././"
+    header[100:108] = b"0000644\0"
+    header[124:136] = b"%011o\0" % (1 << 34)  # a 16 GiB PAX header
+    header[156:157] = b"x"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(header) + bytes(1024))
+    with pytest.raises(LayerError, match="extended header of 17179869184 bytes"):
+        read_all(path)
