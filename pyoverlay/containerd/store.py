@@ -231,6 +231,8 @@ class ContainerdRoot:
             data = os.read(fd, MAX_JSON + 1)
         finally:
             os.close(fd)
+        if len(data) > MAX_JSON:
+            raise ContainerdError(f"blob {digest} is over {MAX_JSON >> 20} MiB: not a manifest")
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise ContainerdError(f"blob {digest} does not match its digest")
         try:
