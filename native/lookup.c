@@ -485,7 +485,7 @@ static PyObject *lookup_child(PyObject *self, PyObject *args)
      * recently used fd when it opens a new one, and a lookup touches at most depth + 3
      * entries per layer. Beyond that, the reference (which uses each fd at once) answers.
      */
-    if ((size_t)n * (count_slashes(path) + 3) > (size_t)cache_size || n > INT_MAX) {
+    if ((size_t)n * (count_slashes(path) + 3) >= (size_t)cache_size || n > INT_MAX) {
         result = Py_NewRef(Py_NotImplemented);
         goto done;
     }

@@ -72,7 +72,7 @@ def _parent_fds(stack: LayerStack, parent: Resolved) -> list[int | None] | None:
     Redirected parents (a relpath other than the merged path) go to the reference too.
     """
     path = parent.path
-    if len(parent.layers) * (path.count(b"/") + 2) > stack._cache_size:
+    if len(parent.layers) * (path.count(b"/") + 2) >= stack._cache_size:
         return None
     fds: list[int | None] = []
     try:
