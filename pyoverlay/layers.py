@@ -154,7 +154,13 @@ class LayerStack:
         self._cache_size = max(cache_size, 16)
 
     def _add(self, path: str, *, upper: bool) -> None:
-        fd = os.open(path, DIR_FLAGS)
+        # The layer path itself comes from whoever mounts, so a symlink there is followed;
+        # only what lies inside a layer is untrusted.
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | (0 if upper else self._noatime))
+        except PermissionError:
+            fd = os.open(path, flags)
         self.layers.append(Layer(len(self.layers), path, fd, upper, os.fstat(fd).st_dev))
 
     def open_flags(self, layer: Layer) -> int:

@@ -174,7 +174,7 @@ class Overlay:
 
 def _open_work(workdir: str) -> int:
     """Open WORK/work, emptied of whatever an interrupted run left in it."""
-    outer = os.open(workdir, DIR_FLAGS)
+    outer = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
             os.mkdir(WORK_SUBDIR, 0o000, dir_fd=outer)
