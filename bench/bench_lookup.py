@@ -131,6 +131,16 @@ def model_benchmarks(layers: list[str], entries: int, rounds: int) -> dict:
 
             return run
 
+        def primitive() -> int:
+            """The C walk alone: fds given, no Resolved built, no fd cache (a ceiling)."""
+            lookup = native._native.lookup
+            for d in dirs:
+                fds = [stack.try_dir_fd(layer, rel) for layer, rel in d.layers]
+                xwh = [m.xattr_whiteouts for m in d.markers]
+                for n in every:
+                    lookup(n, fds, xwh)
+            return len(dirs) * len(every)
+
         def listing() -> int:
             return sum(len(readdir.merged_names(stack, d)) for d in dirs)
 
@@ -140,6 +150,8 @@ def model_benchmarks(layers: list[str], entries: int, rounds: int) -> dict:
             for kind, names in by_kind.items()
         }
         result["readdir"] = _rates(best_of(rounds, dict.fromkeys(IMPLS, listing)))
+        prim = best_of(rounds, {"native": primitive})["native"]
+        result["c_primitive_per_s"] = prim[1] / prim[0]
         return result
     finally:
         native.set_active(native.available())
@@ -222,6 +234,8 @@ def report(results: dict) -> str:
     lines.append(row("lookups (all)", results["lookups"], "/s"))
     for kind, r in results["lookups_by_kind"].items():
         lines.append(row(f"  {kind}", r, "/s"))
+    lines.append(f"  {'C walk alone':<22} native {results['c_primitive_per_s']:>12,.0f} /s"
+                 "  (no Resolved, no fd cache: the ceiling)")  # fmt: skip
     lines.append(row("readdir entries", results["readdir"], "/s"))
     if "find" in results:
         f = results["find"]
