@@ -63,6 +63,12 @@ def background_daemon(root: Path, *extra: str) -> Iterator[int]:
             _wait_gone(pid)
 
 
+def _wait_mounted(merged: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_mounted(merged) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,9 +135,7 @@ def test_sigterm_unmounts_cleanly(example: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(merged) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_mounted(merged)
         assert is_mounted(merged)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -156,9 +160,7 @@ def test_debug_logs_one_line_per_request(example: Path, tmp_path: Path) -> None:
         ) as proc,
     ):
         try:
-            deadline = time.monotonic() + 20
-            while not is_mounted(merged) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_mounted(merged)
             os.stat(merged / "in_lower.txt")
         finally:
             umount_exact(merged, fuse=True)
@@ -191,9 +193,7 @@ def _mount_with_env(root: Path, env: dict[str, str]) -> Iterator[None]:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(merged) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_mounted(merged)
         assert is_mounted(merged)
         yield
     finally:
