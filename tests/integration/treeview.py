@@ -61,6 +61,9 @@ class TreeView:
     links: frozenset[frozenset[bytes]]
     #: Inode inconsistencies found while walking (d_ino != st_ino, ...).
     problems: list[str]
+    #: st_ino of each path as the walk saw it (compared only with itself, never across
+    #: mounts, since the numbers are the filesystem's own).
+    inos: dict[bytes, int] = dataclasses.field(default_factory=dict)
 
 
 def _errname(exc: OSError) -> str:
@@ -137,7 +140,8 @@ def snapshot(root: str | os.PathLike[str]) -> TreeView:
         for entry in entries:
             rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
             _visit(entry, rel, nodes, inodes, problems, pending)
-    return TreeView(nodes, _link_groups(inodes, nodes, problems), problems)
+    inos = {path: ino for ino, paths in inodes.items() for path in paths}
+    return TreeView(nodes, _link_groups(inodes, nodes, problems), problems, inos)
 
 
 def _visit(
