@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:  # only for the annotation; keeps this module importable on its own
     from treeview import TreeView
@@ -130,6 +130,8 @@ def kernel_overlay(
 ) -> Iterator[Path]:
     """Mount kernel overlayfs at ``merged`` for the duration of the block."""
     options = kernel_options(lowers, upper, work, extra_opts)
+    if mounts_at(merged):
+        raise MountError(f"{merged} is already a mount point")
     res = _run(["mount", "-t", "overlay", "overlay", "-o", options, "--", str(merged)])
     if res.returncode != 0:
         raise MountError(f"kernel overlay mount failed ({options}): {res.stderr.strip()}")
@@ -164,7 +166,7 @@ def end_process(proc: subprocess.Popen[bytes], timeout: float = EXIT_TIMEOUT) ->
         proc.wait(timeout=timeout)
 
 
-def _read_log(log: tempfile._TemporaryFileWrapper[bytes]) -> str:  # type: ignore[name-defined]
+def _read_log(log: IO[bytes]) -> str:
     log.flush()
     log.seek(0)
     return log.read().decode("utf-8", "replace")
@@ -194,6 +196,9 @@ def pyoverlay_mount(
     Waits until ``merged`` shows in /proc/self/mountinfo; raises MountError with the
     daemon's stderr if it exits first or takes longer than ``timeout``.
     """
+    if mounts_at(merged):
+        # A mount left there would look like ours and be torn down as ours.
+        raise MountError(f"{merged} is already a mount point")
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             pyoverlay_command(args),
