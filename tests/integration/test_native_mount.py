@@ -107,14 +107,36 @@ def test_daemon_runs_the_chosen_implementation(
         assert "flistxattr(" in calls and ", 1024)" not in calls, calls
 
 
+def _pytest(args: list[str], native_env: str | None, cwd: Path) -> tuple[str, set[str]]:
+    """Run pytest on ``args``; its output and the node ids that failed or errored."""
+    env = dict(os.environ)
+    env.pop("PYOVERLAY_NATIVE", None)
+    if native_env is not None:
+        env["PYOVERLAY_NATIVE"] = native_env
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *args],
+        env=env, capture_output=True, text=True, timeout=880, cwd=cwd,
+    )  # fmt: skip
+    failed = {
+        line.split(" ", 1)[1].split(" - ", 1)[0]
+        for line in res.stdout.splitlines()
+        if line.startswith(("FAILED ", "ERROR "))
+    }
+    assert res.returncode in (0, 1), res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout, failed
+
+
 @pytest.mark.timeout(900)
 def test_read_view_suite_with_python_reference(tmp_path: Path) -> None:
-    """The whole kernel comparison again, with every daemon on the Python reference."""
-    env = dict(os.environ, PYOVERLAY_NATIVE="0")
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         str(REPO_ROOT / "tests" / "integration" / "test_read_view.py")],
-        env=env, capture_output=True, text=True, timeout=880, cwd=tmp_path,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and " failed" not in res.stdout
+    """The whole kernel comparison again, every daemon on the Python reference.
+
+    Whatever fails here must fail with the C helper too: a test that only the Python
+    reference fails is a difference between the two implementations.
+    """
+    suite = str(REPO_ROOT / "tests" / "integration" / "test_read_view.py")
+    out, failed = _pytest([suite], "0", tmp_path)
+    assert " passed" in out, out[-3000:]
+    if failed:
+        rerun = [str(REPO_ROOT / node) for node in sorted(failed)]
+        _, failed_native = _pytest(rerun, None, tmp_path)
+        assert sorted(failed - failed_native) == [], out[-4000:]
