@@ -281,6 +281,10 @@ def _statfs(c: Ctx) -> tuple:
 def _utimens(c: Ctx, path: str, atime: int | str, mtime: int | str) -> tuple:
     utimensat(c.p(path), atime, mtime)
     st = os.lstat(c.p(path))
+    if stat.S_ISLNK(st.st_mode):
+        # pyoverlay's readlink(2) of a lower symlink sets its atime (see
+        # test_write_ops.test_readlink_sets_lower_symlink_atime): not compared.
+        return ("symlink atime", c.when(st.st_mtime_ns))
     return (c.when(st.st_atime_ns), c.when(st.st_mtime_ns))
 
 

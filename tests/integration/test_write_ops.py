@@ -500,3 +500,22 @@ def test_other_overlay_namespace_is_refused(src: Path, tmp_path: Path) -> None:
         k, py = p.step(USERXATTR_OPS[-1])
         assert k.status == "ok"
         assert (py.status, py.value) == ("err", "EPERM")
+
+
+def test_readlink_sets_lower_symlink_atime(src: Path, tmp_path: Path) -> None:
+    """readlink(2) updates a symlink's atime (relatime) and no flag prevents it: the
+    daemon reading a lower symlink touches the lower layer's atime, which the kernel
+    never does. Only the atime of symlinks is affected (files and directories are
+    opened with O_NOATIME)."""
+    with pair(src, tmp_path) as p:
+        before = {s.name: os.lstat(s.root / "l2/sym").st_atime_ns for s in (p.kernel, p.py)}
+        for side in (p.kernel, p.py):
+            assert os.readlink(side.merged / "sym") == "d/f0"
+            os.lstat(side.merged / "d/f0")
+        after = {s.name: os.lstat(s.root / "l2/sym").st_atime_ns for s in (p.kernel, p.py)}
+        assert after["kernel"] == before["kernel"]
+        assert after["pyoverlay"] > before["pyoverlay"]  # pinned: the lower atime moved
+        f0 = {s.name: os.lstat(s.root / "l0/d/f1").st_atime_ns for s in (p.kernel, p.py)}
+        for side in (p.kernel, p.py):
+            apply(side.ctx, op("read", "d/f1"))
+        assert f0 == {s.name: os.lstat(s.root / "l0/d/f1").st_atime_ns for s in (p.kernel, p.py)}
