@@ -25,7 +25,7 @@ import trio
 from pyoverlay import dir as dirops
 from pyoverlay import file as fileops
 from pyoverlay import inode as inodeops
-from pyoverlay import readdir, xattrs
+from pyoverlay import xattrs
 from pyoverlay.copy_up import CopyUp, copy_up_parents
 from pyoverlay.inode import AttrChange, Attributes
 from pyoverlay.layers import join, split
@@ -394,8 +394,7 @@ class OverlayOperations(pyfuse3.Operations):
         if start_id == 0 or handle.names is None:
             # The listing is built once per handle (and again on rewind), so offsets
             # stay valid however many calls the kernel splits the reading into.
-            res = self.ov.lookup(handle.path)
-            handle.names = [b".", b"..", *readdir.merged_names(self.ov.stack, res)]
+            handle.names = [b".", b"..", *self.ov.listing(handle.path)]
         names = handle.names
         for index in range(start_id, len(names)):
             name = names[index]

@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 
-from pyoverlay import namei
+from pyoverlay import namei, readdir
 from pyoverlay.inode import Attributes, InodeNumbers
 from pyoverlay.layers import DIR_FLAGS, Layer, LayerStack, join, split
 from pyoverlay.namei import Resolved
@@ -54,6 +54,9 @@ class Overlay:
         self.numbers = InodeNumbers([layer.dev for layer in self.stack.layers])
         self._cache: collections.OrderedDict[bytes, Resolved] = collections.OrderedDict()
         self._cache_size = cache_size if opts.cache != "none" else 0
+        self._listings: collections.OrderedDict[bytes, list[bytes]] = collections.OrderedDict()
+        #: Listings hold many names each, so fewer of them are kept.
+        self._listing_cache_size = self._cache_size // 64
         self._temp_counter = itertools.count()
         #: Paths copied up since the FUSE glue last looked: their attributes (a
         #: directory's link count, say) may differ from what the kernel cached.
@@ -90,16 +93,39 @@ class Overlay:
         return res
 
     def invalidate(self, path: bytes, *, subtree: bool = False) -> None:
-        """Forget cached lookups of ``path`` (and below it) after we changed it."""
+        """Forget cached lookups of ``path`` (and below it) after we changed it, and the
+        listing of its parent, which may have changed with it."""
         self._cache.pop(path, None)
+        self._listings.pop(path, None)
+        if path:
+            self._listings.pop(split(path)[0], None)
         if subtree:
             prefix = path + b"/"
-            for key in [k for k in self._cache if k.startswith(prefix)]:
-                del self._cache[key]
+            for cache in (self._cache, self._listings):
+                for key in [k for k in cache if k.startswith(prefix)]:
+                    del cache[key]
+
+    def listing(self, path: bytes) -> list[bytes]:
+        """Visible names in merged directory ``path``, cached until we change it.
+
+        The kernel does not cache directory listings of a FUSE mount, so without this
+        every warm ``find`` or ``tar`` would merge the layers again.
+        """
+        names = self._listings.get(path)
+        if names is not None:
+            self._listings.move_to_end(path)
+            return names
+        names = readdir.merged_names(self.stack, self.lookup(path))
+        if self._listing_cache_size:
+            self._listings[path] = names
+            if len(self._listings) > self._listing_cache_size:
+                self._listings.popitem(last=False)
+        return names
 
     def forget(self, path: bytes) -> None:
         """The kernel holds ``path`` no more: drop its lookup and its cached directory fds."""
         res = self._cache.pop(path, None)
+        self._listings.pop(path, None)
         if res is None or res.is_dir:
             # Without the lookup at hand, drop the fds at the usual (unredirected) places.
             places = res.layers if res is not None else [(lay, path) for lay in self.stack.layers]
