@@ -44,6 +44,7 @@ from treeview import (
     abspath,
     diff_views,
     open_dir,
+    read_batch,
     read_entries,
     snapshot,
     tree_paths,
@@ -624,6 +625,27 @@ def _check_chunked_readdir(side: Side, view: TreeView) -> None:
             _check_seeks(fd, rel, entries)
         finally:
             os.close(fd)
+        _check_interleaved(path, rel, names)
+
+
+def _check_interleaved(path: bytes, rel: bytes, names: list[bytes]) -> None:
+    """Two handles on one dir, read in turns, each list every entry exactly once."""
+    fds = [open_dir(path), open_dir(path)]
+    got: list[list[bytes]] = [[], []]
+    try:
+        active = [0, 1]
+        while active:
+            for i in list(active):
+                batch = read_batch(fds[i], 512)
+                if batch:
+                    got[i] += [e.name for e in batch]
+                else:
+                    active.remove(i)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for listing in got:
+        assert sorted(listing) == sorted(names), f"{rel!r}: interleaved reads differ"
 
 
 def test_readdir_lists_dot_entries(

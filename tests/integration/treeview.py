@@ -276,6 +276,11 @@ def _getdents_once(fd: int, bufsize: int) -> list[Dirent]:
     return out
 
 
+def read_batch(fd: int, bufsize: int = 512) -> list[Dirent]:
+    """One getdents64 call on an open directory; empty at the end."""
+    return _getdents_once(fd, bufsize)
+
+
 def read_entries(fd: int, *, bufsize: int = 512) -> tuple[list[Dirent], int]:
     """Read an open directory to its end with getdents64 and a small buffer.
 
