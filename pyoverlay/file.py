@@ -13,11 +13,13 @@ import dataclasses
 import errno
 import os
 import stat
+import time
 
 from pyoverlay.copy_up import copy_up
 from pyoverlay.layers import split
 from pyoverlay.namei import Resolved
 from pyoverlay.overlay import Overlay
+from pyoverlay.util import fd_path
 
 #: Flags the backing open keeps; creation and truncation were dealt with already.
 _KEEP = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_SYNC | os.O_DSYNC
@@ -55,8 +57,22 @@ def open_resolved(ov: Overlay, res: Resolved, flags: int) -> OpenFile:
         os.close(fd)
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), res.path)
     if flags & os.O_TRUNC and layer.upper:
-        os.ftruncate(fd, 0)
+        _truncate_on_open(fd, backing)
     return OpenFile(fd, res.path, flags, not layer.upper)
+
+
+def _truncate_on_open(fd: int, backing: int) -> None:
+    """What open(2) does for O_TRUNC: size 0 and a new mtime, even for an empty file.
+
+    Linux also truncates for O_RDONLY | O_TRUNC; ftruncate(2) refuses a read-only fd,
+    so that case goes through the fd's /proc path.
+    """
+    if backing & os.O_ACCMODE == os.O_RDONLY:
+        os.truncate(fd_path(fd), 0)
+    else:
+        os.ftruncate(fd, 0)
+    now = time.time_ns()
+    os.utime(fd, ns=(os.fstat(fd).st_atime_ns, now))
 
 
 def reopen_upper(ov: Overlay, handle: OpenFile) -> None:
