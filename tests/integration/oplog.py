@@ -370,6 +370,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "open_rw": lambda c, p: _open_close(c, p, os.O_RDWR),
     "open_trunc": lambda c, p: _open_close(c, p, os.O_WRONLY | os.O_TRUNC),
     "open_r": lambda c, p: _open_close(c, p, os.O_RDONLY),
+    "open_r_trunc": lambda c, p: _open_close(c, p, os.O_RDONLY | os.O_TRUNC),
     "open_creat": lambda c, p: _open_close(c, p, os.O_RDONLY | os.O_CREAT, 0o644),
     "write": lambda c, p, off, data: _write(c, p, off, data),
     "append": lambda c, p, data: _write(c, p, -1, data, os.O_WRONLY | os.O_APPEND),

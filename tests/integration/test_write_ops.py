@@ -215,6 +215,11 @@ SCENARIOS: dict[str, list[Op]] = {
         op("truncate", "top", 0),
         op("read", "big"),
         op("read", "xat"),
+        op("open_r_trunc", "m/from2"),  # Linux truncates even a read-only open
+        op("truncate", "m/from0", 0),
+        op("utimens", "m/from0", 10**9, 10**9),
+        op("open_trunc", "m/from0"),  # an empty file still gets a new mtime
+        op("stat", "m/from0"),
         op("open_w", "chr"),  # a device: no copy-up
         op("open_w", "ro"),  # root may open it
         op("open_w", "d"),  # EISDIR
