@@ -36,6 +36,7 @@ DIRS = [
 ]  # fmt: skip
 NEW = ["n1", "n2", "d/n3", "m/n4", "ldir/y/n5", "gone/n6", "emptydir/n7", "u_dir/n8", "sgid/n9"]
 PATHS = st.sampled_from(FILES + DIRS + NEW)
+OPENS = ["open_trunc", "open_w", "open_rw", "open_r", "open_r_trunc", "open_creat", "ftruncate"]
 PARENTS = st.sampled_from(["", *DIRS])
 MODES = st.sampled_from([0o644, 0o600, 0o755, 0o2755, 0o4711, 0o777, 0o000])
 XATTRS = st.sampled_from(["user.a", "user.k", "trusted.t", "trusted.overlay.mine"])
@@ -130,9 +131,9 @@ class WriteMachine(RuleBasedStateMachine):
     def append(self, path: str, data: bytes) -> None:
         self.do(op("append", path, data))
 
-    @rule(path=PATHS, how=st.sampled_from(["open_trunc", "open_w", "open_rw", "open_r"]))
+    @rule(path=PATHS, how=st.sampled_from(OPENS))
     def open(self, path: str, how: str) -> None:
-        self.do(op(how, path))
+        self.do(op(how, path, 7) if how == "ftruncate" else op(how, path))
 
     @rule(path=PATHS, size=st.integers(0, 100_000))
     def truncate(self, path: str, size: int) -> None:
