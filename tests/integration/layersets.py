@@ -47,7 +47,9 @@ class Builder:
         os.makedirs(parent, exist_ok=True)
         return parent
 
-    def _meta(self, path: bytes, mode: int, owner: tuple[int, int], xattrs: dict) -> None:
+    def _meta(
+        self, path: bytes, mode: int, owner: tuple[int, int], xattrs: dict[str, bytes]
+    ) -> None:
         os.chown(path, *owner, follow_symlinks=False)
         os.chmod(path, mode)  # after chown, which clears setuid/setgid bits
         for name, value in xattrs.items():
@@ -81,7 +83,14 @@ class Builder:
         os.symlink(_b(target), self.p(rel))
         os.chown(self.p(rel), *owner, follow_symlinks=False)
 
-    def node(self, rel: Pathish, kind: int, mode: int = 0o644, dev: int = 0, owner=(0, 0)) -> None:
+    def node(
+        self,
+        rel: Pathish,
+        kind: int,
+        mode: int = 0o644,
+        dev: int = 0,
+        owner: tuple[int, int] = (0, 0),
+    ) -> None:
         """A fifo, socket or device node (``kind`` is stat.S_IFIFO etc.)."""
         self._parent(rel)
         os.mknod(self.p(rel), kind | mode, dev)
