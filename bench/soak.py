@@ -33,6 +33,7 @@ TEST_FILES = [
     "tests/integration/test_cli_fuzz.py",
     "tests/integration/test_untouched.py",
 ]
+NOTE_CHARS = 400
 ITEM_ORDER = ["crash", "concurrency", "permissions", "hostile", "resources", "cli", "untouched"]
 
 
@@ -81,7 +82,7 @@ def table(lines: list[dict]) -> str:
     out = ["| item | what was tried | times | lost | notes |", "|---|---|---:|---:|---|"]
     for (item, what), (tried, lost, details) in rows:
         note = details[-1].replace("|", "/") if details else ""
-        out.append(f"| {item} | {what} | {tried} | {lost} | {note[:160]} |")
+        out.append(f"| {item} | {what} | {tried} | {lost} | {note[:NOTE_CHARS]} |")
     return "\n".join(out)
 
 

@@ -131,7 +131,9 @@ def _run_walk(lower: Path, root: Path, cycles: int) -> None:
         f"walk {numbers['files']} files: fds bounded, released, forgotten",
         numbers["files"],
         len(problems),
-        ", ".join(f"{k}={v}" for k, v in numbers.items()),
+        ", ".join(
+            f"{k}={v}" for k, v in sorted(numbers.items(), key=lambda kv: "rss" not in kv[0])
+        ),
     )
     assert not problems, (problems, numbers)
 
