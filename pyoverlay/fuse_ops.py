@@ -507,10 +507,23 @@ class OverlayOperations(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self.nodes.path(inode)
+        shared = self._lower_hard_link(path)
         if fileops.needs_copy_up(flags):
             await self._copy_up(path)
         handle = fileops.open_file(self.ov, path, flags)
-        return self._file_info(handle)
+        if not shared:
+            return self._file_info(handle)
+        # One FUSE inode stands for every name of a multiply-linked lower file, where
+        # the kernel (index=off) has one inode per name: data written through one name
+        # must not reach the others through the page cache.
+        info = self._file_info(handle)
+        info.keep_cache = False
+        info.direct_io = fileops.needs_copy_up(flags)
+        return info
+
+    def _lower_hard_link(self, path: bytes) -> bool:
+        res = self.ov.lookup(path)
+        return not res.is_dir and not res.in_upper and self.ov.stat_of(res).st_nlink > 1
 
     @handler
     async def create(
