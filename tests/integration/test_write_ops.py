@@ -129,6 +129,17 @@ SCENARIOS: dict[str, list[Op]] = {
         op("unlink", "hl_a"),
         op("stat", "hl_new"),
     ],
+    "lower_hard_links": [
+        op("read", "hl_a"),  # fills the page cache of the inode both names share
+        op("write", "hl_b", 5, b"\xef"),  # copy-up breaks the link
+        op("read", "hl_a"),
+        op("read", "hl_b"),
+        op("stat", "hl_a"),
+        op("stat", "hl_b"),
+        op("append", "hl_a", b"more"),
+        op("read", "hl_b"),
+        op("read", "hl_a"),
+    ],
     "unlink_rmdir": [
         op("unlink", "top"),
         op("unlink", "u_file"),
