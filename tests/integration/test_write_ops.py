@@ -9,6 +9,7 @@ Differences FUSE cannot avoid are pinned at the end of the module.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import sys
@@ -535,3 +536,33 @@ def test_readlink_sets_lower_symlink_atime(src: Path, tmp_path: Path) -> None:
         for side in (p.kernel, p.py):
             apply(side.ctx, op("read", "d/f1"))
         assert f0 == {s.name: os.lstat(s.root / "l0/d/f1").st_atime_ns for s in (p.kernel, p.py)}
+
+
+def test_shared_writable_mmap_of_a_lower_hard_link(src: Path, tmp_path: Path) -> None:
+    """A write-open of a multiply-linked lower file uses FUSE direct I/O (so data written
+    through one name never shows through the page cache the names share), and FUSE
+    refuses MAP_SHARED for direct I/O: ENODEV where the kernel maps the copied-up file.
+    Read-only and private mappings, and every other file, map as usual."""
+    with pair(src, tmp_path) as p:
+        got = {}
+        for side in (p.kernel, p.py):
+            fd = os.open(side.merged / "hl_a", os.O_RDWR)
+            try:
+                with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+                    m[0:3] = b"MAP"
+                got[side.name] = "ok"
+            except OSError as exc:
+                got[side.name] = errno.errorcode[exc.errno]
+            finally:
+                os.close(fd)
+            fd = os.open(side.merged / "big", os.O_RDWR)  # a lower file with one name
+            try:
+                with mmap.mmap(fd, 0, mmap.MAP_SHARED) as m:
+                    m[0:3] = b"MAP"
+            finally:
+                os.close(fd)
+        assert got == {"kernel": "ok", "pyoverlay": "ENODEV"}
+        p.divergences.clear()
+        p.step(op("write", "hl_a", 0, b"MAP"))  # the kernel side has this already
+        p.step(op("read", "hl_a"))
+        assert p.finish() == []
