@@ -374,6 +374,31 @@ def test_scenario(src: Path, tmp_path: Path, name: str) -> None:
 
 
 REDIRECT_SCENARIOS: dict[str, list[Op]] = {
+    "chains": [
+        op("rename", "d", "d2"),
+        op("rename", "d2/sub", "d2/sub2"),  # inside a renamed dir
+        op("rename", "d2/sub2/deep", "ldir/deep3"),
+        op("rename", "ldir", "d"),  # onto the first one's old name
+        op("listdir", "d"),
+        op("listdir", "d/deep3"),
+        op("rename", "d2", "ldir"),
+        op("listdir", "ldir"),
+        op("rename", "ldir/sub2", "m/sub4"),
+        op("rmdir", "m/sub4"),
+        op("rename", "m", "u_dir/m"),
+        op("rename", "u_dir", "l1only/u"),  # an upper dir holding a redirected one
+        op("listdir", "l1only/u/m"),
+        op("rename", "l1only", "opq", EXCHANGE),
+        op("listdir", "opq/u/m"),
+        op("listdir", "l1only"),
+        op("mkdir", "m"),
+        op("rename", "opq/u/m", "m/back"),
+        op("listdir", "m/back"),
+        op("rename", "emptydir", "gone"),
+        op("rmdir", "gone"),
+        op("mkdir", "gone"),
+        op("listdir", "gone"),
+    ],
     "lower_dirs": [
         op("rename", "ldir", "ldir2"),
         op("listdir", "ldir2"),
