@@ -88,6 +88,8 @@ class NodeTable:
     def __init__(self) -> None:
         self.nodes: dict[int, Node] = {_ROOT: Node(lookups=1)}
         self.children: dict[tuple[int, bytes], int] = {}
+        #: The most nodes held since the tables were last rebuilt.
+        self._high = 1
 
     def path(self, ino: int) -> bytes:
         parts: list[bytes] = []
@@ -120,6 +122,7 @@ class NodeTable:
         if old is not None and old != ino:
             self._drop_link(old, key)
         node = self.nodes.setdefault(ino, Node())
+        self._high = max(self._high, len(self.nodes))
         node.lookups += 1
         if key in node.links:
             node.links.remove(key)
@@ -143,6 +146,16 @@ class NodeTable:
                 del self.children[key]
         del self.nodes[ino]
         return path
+
+    def compact(self) -> bool:
+        """Rebuild the tables once most nodes are gone (dicts never shrink by themselves);
+        True if it did."""
+        if len(self.nodes) * 4 >= self._high:
+            return False
+        self.nodes = dict(self.nodes)
+        self.children = dict(self.children)
+        self._high = len(self.nodes)
+        return True
 
     def removed(self, parent: int, name: bytes) -> None:
         key = (parent, name)
@@ -315,7 +328,10 @@ class OverlayOperations(pyfuse3.Operations):
             if path is not None:
                 self.ov.forget(path)
         if len(inode_list) >= _TRIM_AFTER_FORGETS:
-            release_memory()  # the kernel shrank its caches: give the memory back too
+            # The kernel shrank its caches: shrink our tables and give the memory back.
+            if self.nodes.compact():
+                self.ov.compact()
+            release_memory()
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

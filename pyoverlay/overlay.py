@@ -122,6 +122,11 @@ class Overlay:
                 self._listings.popitem(last=False)
         return names
 
+    def compact(self) -> None:
+        """Rebuild the lookup caches after most entries went (dicts never shrink)."""
+        self._cache = collections.OrderedDict(self._cache)
+        self._listings = collections.OrderedDict(self._listings)
+
     def forget(self, path: bytes) -> None:
         """The kernel holds ``path`` no more: drop its lookup and its cached directory fds."""
         res = self._cache.pop(path, None)

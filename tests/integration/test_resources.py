@@ -115,8 +115,8 @@ def check_bounds(n: dict[str, int]) -> list[str]:
         problems.append(f"{n['fds_after_forget']} fds after the kernel forgot every inode")
     grown = n["peak_rss_kib"] - n["base_rss_kib"]
     kept = n["rss_after_forget_kib"] - n["base_rss_kib"]
-    # generous: at least a quarter of what the walk took must come back
-    if grown > 0 and kept > 0.75 * grown:
+    # generous: at least half of what the walk took must come back (measured: ~3/4)
+    if grown > 0 and kept > 0.5 * grown:
         problems.append(f"RSS kept {kept} KiB of {grown} KiB after forgets")
     if n["peak_rss_kib"] > 1_000_000:
         problems.append(f"RSS peaked at {n['peak_rss_kib']} KiB")
