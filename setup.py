@@ -7,6 +7,7 @@ setup(
         Extension(
             "pyoverlay._native",
             sources=["native/lookup.c"],
+            depends=["native/ovl_fs.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         )
     ]
