@@ -52,6 +52,9 @@ def handler(func: F) -> F:
     async def wrapper(self: OverlayOperations, *args: Any) -> Any:
         if self.debug:
             log.info("%s%r", name, tuple(a for a in args if not _is_context(a)))
+        if not self.keep_cache:
+            # cache=none: lower layers may change under us, so reach every directory anew.
+            self.ov.stack.drop_all_dirs()
         try:
             try:
                 return await func(self, *args)

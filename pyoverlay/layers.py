@@ -219,6 +219,12 @@ class LayerStack:
         for key in stale:
             os.close(self._dirs.pop(key))
 
+    def drop_all_dirs(self) -> None:
+        """Close every cached directory fd (their directories may have been replaced)."""
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
     def cached_dir_fds(self) -> int:
         return len(self._dirs)
 
