@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyoverlay import dir as dirops
+from pyoverlay import file as fileops
 from pyoverlay import xattrs
 from pyoverlay.copy_up import copy_up
 from pyoverlay.inode import AttrChange, setattr
@@ -361,3 +362,18 @@ def test_root_xattrs_are_the_upper_roots(layers: Layers) -> None:
     xattrs.setxattr(ov, b"", "user.root", b"r")
     assert xattr(layers / "upper", "user.root") == b"r"
     assert xattrs.listxattr(ov, b"") == ["user.root"]
+
+
+@pytest.mark.parametrize("access", [os.O_RDONLY, os.O_WRONLY])
+def test_open_with_o_trunc_copies_up_and_truncates(layers: Layers, access: int) -> None:
+    layers.file("l1/f", b"lower data")
+    (layers / "upper/empty").write_bytes(b"")
+    os.utime(layers / "upper/empty", ns=(OLD_NS, OLD_NS))
+    ov = layers.mount()
+    for name in (b"f", b"empty"):
+        handle = fileops.open_file(ov, name, access | os.O_TRUNC)
+        os.close(handle.fd)
+        assert not handle.lower
+    assert (layers / "upper/f").read_bytes() == b""
+    st = os.lstat(layers / "upper/empty")
+    assert st.st_mtime_ns > OLD_NS and st.st_atime_ns == OLD_NS  # open(2) sets mtime only
