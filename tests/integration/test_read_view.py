@@ -763,7 +763,15 @@ def test_sparse_file_past_4gib(tmp_path: Path) -> None:
     for name, root in _two_lower_sides(tmp_path, _make_sparse):
         with _mount_ro(name, root) as merged:
             got[name] = _sparse_answers(merged / "huge")
-    assert got["pyoverlay"] == got["kernel"]
+    seeks = {k: v for k, v in got["kernel"].items() if k.startswith("SEEK_")}
+    size = got["kernel"]["size"]
+    # pyfuse3 has no lseek handler, so the kernel answers SEEK_DATA/SEEK_HOLE on a FUSE
+    # file generically: all data, one hole at the end (README: Differences).
+    generic = {k: (int(k.split("@")[1]) if "DATA" in k else size) for k in seeks}
+    assert {k: got["pyoverlay"][k] for k in seeks} == generic
+    assert seeks != generic, "the kernel should see the holes of the sparse file"
+    others = {k: v for k, v in got["kernel"].items() if k not in seeks}
+    assert {k: got["pyoverlay"][k] for k in others} == others
 
 
 LONG_NAME_LEN = 200
