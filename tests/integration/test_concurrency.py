@@ -9,7 +9,9 @@ progress. Afterwards the merged tree must equal the shadow, also after a remount
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,31 @@ def test_fsx_overlapping_names(tmp_path: Path) -> None:
 def test_fsx_soak(tmp_path: Path) -> None:
     ops = int(os.environ.get("PYOVERLAY_FSX_OPS", "5000"))
     exercise(tmp_path, procs=6, ops=ops, seed="soak")
+
+
+@pytest.mark.timeout(120)
+def test_watchdog_catches_a_hung_daemon(tmp_path: Path) -> None:
+    """The watchdog itself: a daemon that stops answering (SIGSTOP) is reported as a hang,
+    the blocked workers are freed by aborting the connection, and nothing is left."""
+    layout = make_layout(tmp_path / "ov")
+    shadow = tmp_path / "shadow"
+    fsx.populate(layout.lowers, shadow)
+    with Daemon(layout.args(), layout.merged) as daemon:
+        stopper = threading.Timer(1.0, os.kill, (daemon.pid, signal.SIGSTOP))
+        stopper.start()
+        try:
+            summary = fsx.run_with_watchdog(
+                layout.merged,
+                shadow,
+                tmp_path / "fsx",
+                procs=2,
+                ops=100_000,
+                seed="hang",
+                stall=3.0,
+                daemon_pid=daemon.pid,
+            )
+        finally:
+            stopper.cancel()
+            os.kill(daemon.pid, signal.SIGCONT)
+    assert summary["hang"].startswith("no progress"), summary
+    assert summary["returncode"] != 0
