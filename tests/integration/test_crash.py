@@ -13,6 +13,7 @@ Run as a script (``python test_crash.py client ...``) this file is that client.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -312,6 +313,20 @@ def read_journal(path: Path) -> tuple[int, int | None]:
     return ended, begun
 
 
+#: What an operation gets from a mount whose daemon was killed under it.
+KILLED_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+
+
+def failed_before_kill(path: Path) -> str:
+    """An operation that failed for another reason than the kill (a valid operation must
+    not fail); empty if none did."""
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "X" and int(parts[2]) not in KILLED_ERRNOS:
+            return f"operation {parts[1]} failed with {errno.errorcode.get(int(parts[2]))}"
+    return ""
+
+
 def actual_view(merged: Path) -> dict[str, tuple]:
     out: dict[str, tuple] = {"": ("dir",)}
     for dirpath, dirnames, filenames in os.walk(merged):
@@ -411,6 +426,9 @@ def crash_round(base: Path, lowers: list[Path], seed: int, delay: float) -> Roun
                 client.wait()
     ended, in_flight = read_journal(journal)
     kind = ops[in_flight][0] if in_flight is not None else None
+    refused = failed_before_kill(journal)
+    if refused:
+        return Round(kind, False, f"seed {seed}: {refused}")
     strays = strays_outside_work(layout)
     if strays:
         return Round(kind, False, f"temporary objects outside WORK/work: {strays}")
