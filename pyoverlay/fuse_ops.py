@@ -224,7 +224,7 @@ class OverlayOperations(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         st = attrs.st
         entry.st_ino = attrs.ino
-        entry.generation = 0
+        entry.generation = self.ov.numbers.generation(attrs.ino)
         timeout = self.timeout
         if not res.is_dir and not res.in_upper and st.st_nlink > 1:
             # FUSE names only the inode when a file is opened; a fresh lookup each time
@@ -330,6 +330,8 @@ class OverlayOperations(pyfuse3.Operations):
             path = self.nodes.forget(ino, count)
             if path is not None:
                 self.ov.forget(path)
+            if ino not in self.nodes.nodes:
+                self.ov.numbers.forgotten(ino)
         if len(inode_list) >= _TRIM_AFTER_FORGETS:
             # The kernel shrank its caches: shrink our tables and give the memory back.
             if self.nodes.compact():

@@ -46,6 +46,11 @@ class InodeNumbers:
         self._counter = itertools.count(_OVERFLOW_BASE)
         #: Copied-up objects keep the number they had before copy-up.
         self._origins: dict[tuple[int, int], int] = {}
+        #: Numbers of objects that went away while the kernel may still hold them. The
+        #: upper file system reuses inode numbers at once; FUSE tells a new object from
+        #: the dead one only by a different generation (else it takes the new object for
+        #: the old inode: stale pages, ESTALE or EEXIST on a reused directory).
+        self._generations: dict[int, int] = {}
 
     def number(self, st: os.stat_result) -> int:
         key = (st.st_dev, st.st_ino)
@@ -66,8 +71,18 @@ class InodeNumbers:
 
     def release(self, st: os.stat_result) -> None:
         """The upper object is gone; its inode number may be reused for something else."""
+        number = self.number(st)
+        self._generations[number] = self._generations.get(number, 0) + 1
         self._origins.pop((st.st_dev, st.st_ino), None)
         self._overflow.pop((st.st_dev, st.st_ino), None)
+
+    def generation(self, number: int) -> int:
+        """The FUSE generation of ``number``: how often an object with it went away."""
+        return self._generations.get(number, 0)
+
+    def forgotten(self, number: int) -> None:
+        """The kernel holds no inode with ``number`` any more: a fresh start is safe."""
+        self._generations.pop(number, None)
 
 
 @dataclasses.dataclass(slots=True)
