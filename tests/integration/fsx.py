@@ -189,6 +189,7 @@ class Worker:
             ["write"] * 4
             + ["append", "truncate", "truncate", "mmap_write", "mmap_write"]
             + ["read", "mmap_read", "rename", "rename", "link", "link", "unlink", "create"]
+            + ["mkdir", "mkdir", "rmdir", "rmdir"]
             + ["ro_read", "ro_copy_up", "ro_mmap"]
         )
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -202,6 +203,8 @@ class Worker:
         use_mmap = self.rng.random() < 0.3
         if not _both(self.merged, self.shadow, f"lstat {name}", lambda r: _exists(r / name)):
             return
+        if _both(self.merged, self.shadow, f"isdir {name}", lambda r: (r / name).is_dir()):
+            return  # an (empty) directory: nothing more to compare
         _both(self.merged, self.shadow, f"size {name}", lambda r: os.stat(r / name).st_size)
         mine = _read_all(self.merged, name, use_mmap)
         want = _read_all(self.shadow, name, False)
@@ -256,6 +259,16 @@ class Worker:
     def op_create(self) -> None:
         data = self._data()
         self._file_op("create", lambda r, n: _create(r, n, data))
+
+    def op_mkdir(self) -> None:
+        name = self.rng.choice(NAMES)
+        with self.locks.hold(name):
+            _both(self.merged, self.shadow, f"mkdir {name}", lambda r: os.mkdir(r / name))
+
+    def op_rmdir(self) -> None:
+        name = self.rng.choice(NAMES)
+        with self.locks.hold(name):
+            _both(self.merged, self.shadow, f"rmdir {name}", lambda r: os.rmdir(r / name))
 
     def op_unlink(self) -> None:
         name = self.rng.choice(NAMES)
