@@ -1,4 +1,7 @@
-"""The daemon's life: background start, unmount, signals, mount.fuse3, debug log, EIO."""
+"""The daemon's life: background start, unmount, mount.fuse3, debug log, EIO.
+
+(SIGTERM and SIGINT are covered in test_read_view.py::test_signal_unmounts_cleanly.)
+"""
 
 from __future__ import annotations
 
@@ -124,27 +127,6 @@ def test_fstab_form_mounts_through_mount_fuse3(example: Path, tmp_path: Path) ->
     finally:
         umount_exact(merged, fuse=True)
     assert not is_mounted(merged)
-
-
-def test_sigterm_unmounts_cleanly(example: Path) -> None:
-    merged = example / "merged"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyoverlay", "mount", "-f", *layer_args(example)],
-        env=daemon_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_mounted(merged)
-        assert is_mounted(merged)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-        assert not is_mounted(merged)
-    finally:
-        umount_exact(merged, fuse=True)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_debug_logs_one_line_per_request(example: Path, tmp_path: Path) -> None:
