@@ -17,7 +17,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from pyoverlay.layers import is_private_xattr, join, split
+from pyoverlay.layers import is_private_xattr, split
 from pyoverlay.namei import Resolved
 from pyoverlay.util import FICLONE, RENAME_NOREPLACE, at_path, renameat2
 
@@ -216,6 +216,3 @@ def _copy_by_read(src: int, dst: int, pos: int, count: int) -> int:
     if data:
         os.pwrite(dst, data, pos)
     return len(data)
-
-
-__all__ = ["CopyUp", "copy_file_data", "copy_up", "copy_up_parents", "copy_xattrs", "join"]

@@ -14,11 +14,10 @@ import errno
 import itertools
 import os
 import shutil
-import stat
 
 from pyoverlay import namei, readdir
 from pyoverlay.inode import Attributes, InodeNumbers
-from pyoverlay.layers import DIR_FLAGS, Layer, LayerStack, join, split
+from pyoverlay.layers import DIR_FLAGS, Layer, LayerStack, split
 from pyoverlay.namei import Resolved
 from pyoverlay.params import MountOptions
 
@@ -226,6 +225,3 @@ def _empty_dir(parent_fd: int, name: str) -> None:
                 os.unlink(entry.name, dir_fd=fd)
     finally:
         os.close(fd)
-
-
-__all__ = ["WORK_SUBDIR", "Overlay", "enoent", "erofs", "join", "stat"]

@@ -9,14 +9,12 @@ reports the mount live (or exits non-zero with the child's reason).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import logging.handlers
 import os
 import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from pyoverlay.errors import PyoverlayError
@@ -316,6 +314,3 @@ def unmount(mountpoint: str) -> None:
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         raise PyoverlayError(f"cannot unmount {mountpoint}: {reason}")
-
-
-__all__ = ["errno", "fuse_options", "mount", "mount_points", "sys", "unmount", "validate"]
