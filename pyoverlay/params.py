@@ -155,12 +155,16 @@ def parse_lowerdir(value: str) -> list[str]:
     return layers
 
 
-def _parse_bool_option(key: str, value: str) -> bool:
-    if value in ("on", "follow", "nofollow", "yes"):
+def _parse_redirect_dir(value: str) -> bool:
+    """Whether renames of lower directories write redirects. Existing redirects are
+    always followed: ``follow`` and ``off`` mean the same, as with the kernel's default
+    redirect_always_follow, and ``nofollow`` (which the kernel wants with userxattr) is
+    accepted but follows too."""
+    if value == "on":
         return True
-    if value in ("off", "no"):
+    if value in ("off", "follow", "nofollow"):
         return False
-    raise UsageError(f"option {key}={value!r}: expected 'on' or 'off'")
+    raise UsageError(f"option redirect_dir={value!r}: expected on, off, follow or nofollow")
 
 
 def apply_option(opts: MountOptions, item: str) -> None:
@@ -181,7 +185,7 @@ def apply_option(opts: MountOptions, item: str) -> None:
     elif key == "ro":
         opts.read_only = True
     elif key == "redirect_dir":
-        opts.redirect_dir = _parse_bool_option(key, value)
+        opts.redirect_dir = _parse_redirect_dir(value)
     elif key == "cache":
         if value not in ("auto", "none"):
             raise UsageError(f"option cache={value!r}: expected 'auto' or 'none'")

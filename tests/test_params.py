@@ -65,3 +65,10 @@ def test_cli_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["mount", "-o", "upperdir=/u", "/m"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pyoverlay: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "creates"), [("on", True), ("off", False), ("follow", False), ("nofollow", False)]
+)
+def test_redirect_dir_values(value: str, creates: bool) -> None:
+    assert parse_options(f"redirect_dir={value}").redirect_dir is creates
