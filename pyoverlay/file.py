@@ -16,7 +16,6 @@ import stat
 import time
 
 from pyoverlay.copy_up import copy_up
-from pyoverlay.layers import split
 from pyoverlay.namei import Resolved
 from pyoverlay.overlay import Overlay
 from pyoverlay.util import fd_path
@@ -31,6 +30,8 @@ class OpenFile:
     path: bytes
     flags: int
     lower: bool
+    #: A lower file with several names: one FUSE inode stands for all of them.
+    shared: bool = False
 
 
 def needs_copy_up(flags: int) -> bool:
@@ -49,16 +50,17 @@ def open_file(ov: Overlay, path: bytes, flags: int) -> OpenFile:
 
 
 def open_resolved(ov: Overlay, res: Resolved, flags: int) -> OpenFile:
-    layer, relpath = res.top
-    parent, name = split(relpath)
+    layer, parent_fd, name = ov.top_parent(res)
     backing = flags & _KEEP
-    fd = ov.open_in_layer(layer, ov.stack.dir_fd(layer, parent), name, backing)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    fd = ov.open_in_layer(layer, parent_fd, name, backing)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), res.path)
     if flags & os.O_TRUNC and layer.upper:
         _truncate_on_open(fd, backing)
-    return OpenFile(fd, res.path, flags, not layer.upper)
+    lower = not layer.upper
+    return OpenFile(fd, res.path, flags, lower, shared=lower and st.st_nlink > 1)
 
 
 def _truncate_on_open(fd: int, backing: int) -> None:

@@ -369,9 +369,8 @@ class OverlayOperations(pyfuse3.Operations):
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         res = self.ov.lookup(self.nodes.path(inode))
-        layer, relpath = res.top
-        parent, name = split(relpath)
-        return os.readlink(name, dir_fd=self.ov.stack.dir_fd(layer, parent))
+        _, parent_fd, name = self.ov.top_parent(res)
+        return os.readlink(name, dir_fd=parent_fd)
 
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -528,11 +527,14 @@ class OverlayOperations(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self.nodes.path(inode)
-        shared = self._lower_hard_link(path)
+        shared = False
         if fileops.needs_copy_up(flags):
+            # Whether the lower file had other names must be known before copy-up.
+            res = self.ov.lookup(path)
+            shared = not res.in_upper and self.ov.stat_of(res).st_nlink > 1
             await self._copy_up(path)
         handle = fileops.open_file(self.ov, path, flags)
-        if not shared:
+        if not (shared or handle.shared):
             return self._file_info(handle)
         # One FUSE inode stands for every name of a multiply-linked lower file, where
         # the kernel (index=off) has one inode per name: data written through one name
@@ -541,10 +543,6 @@ class OverlayOperations(pyfuse3.Operations):
         info.keep_cache = False
         info.direct_io = fileops.needs_copy_up(flags)
         return info
-
-    def _lower_hard_link(self, path: bytes) -> bool:
-        res = self.ov.lookup(path)
-        return not res.is_dir and not res.in_upper and self.ov.stat_of(res).st_nlink > 1
 
     @handler
     async def create(

@@ -8,15 +8,16 @@ layer's filesystem index goes into the high bits, as the kernel's ``xino`` does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
 import os
 import stat
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pyoverlay.copy_up import copy_up
-from pyoverlay.layers import split
 from pyoverlay.util import O_PATH, fd_path
 
 if TYPE_CHECKING:
@@ -102,10 +103,8 @@ def setattr(ov: Overlay, path: bytes, change: AttrChange, fd: int | None = None)
     """Apply ``change`` to ``path``, copying it up first as the kernel does for any setattr."""
     ov.require_writable()
     res = copy_up(ov, path)
-    layer, relpath = res.top
-    parent, name = split(relpath)
-    parent_fd = ov.stack.dir_fd(layer, parent) if name else None
-    with _object_fd(layer.fd if not name else None, parent_fd, name) as opath:
+    _, parent_fd, name = ov.top_parent(res)
+    with _object_fd(parent_fd, name) as opath:
         st = os.fstat(opath)
         target = fd_path(opath)
         if change.size is not None:
@@ -146,17 +145,12 @@ def _set_times(
         os.utime(target, ns=(atime, mtime))
 
 
-class _object_fd:
-    """An O_PATH fd on the object itself (never a symlink's target)."""
-
-    def __init__(self, root_fd: int | None, parent_fd: int | None, name: bytes):
-        if root_fd is not None:
-            self.fd = os.open(".", O_PATH | os.O_CLOEXEC, dir_fd=root_fd)
-        else:
-            self.fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+@contextlib.contextmanager
+def _object_fd(parent_fd: int, name: bytes) -> Iterator[int]:
+    """An O_PATH fd on the object itself (never a symlink's target); ``name`` empty for
+    the directory ``parent_fd`` itself."""
+    fd = os.open(name or b".", O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

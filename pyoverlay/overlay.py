@@ -138,12 +138,20 @@ class Overlay:
 
     # -- attributes ---------------------------------------------------------------------
 
-    def stat_of(self, res: Resolved) -> os.stat_result:
+    def top_parent(self, res: Resolved) -> tuple[Layer, int, bytes]:
+        """The topmost copy of ``res`` as (layer, fd of its parent directory, name).
+
+        For the merged root the name is empty and the fd is the layer root's.
+        """
         layer, relpath = res.top
         parent, name = split(relpath)
+        return layer, self.stack.dir_fd(layer, parent) if name else layer.fd, name
+
+    def stat_of(self, res: Resolved) -> os.stat_result:
+        _, parent_fd, name = self.top_parent(res)
         if not name:
-            return os.fstat(layer.fd)
-        return os.stat(name, dir_fd=self.stack.dir_fd(layer, parent), follow_symlinks=False)
+            return os.fstat(parent_fd)
+        return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
 
     def attributes(self, res: Resolved) -> Attributes:
         st = self.stat_of(res)

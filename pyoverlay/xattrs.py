@@ -15,20 +15,17 @@ import errno
 import os
 
 from pyoverlay.copy_up import copy_up
-from pyoverlay.layers import is_private_xattr, split
+from pyoverlay.layers import is_private_xattr
 from pyoverlay.namei import Resolved
 from pyoverlay.overlay import Overlay
 from pyoverlay.util import at_path
 
 
 def _real_path(ov: Overlay, res: Resolved) -> bytes:
-    layer, relpath = res.top
-    if not relpath:
-        # "/." reaches the directory itself: without it, the no-follow xattr calls would
-        # act on /proc's magic link, not on the layer root.
-        return b"/proc/self/fd/%d/." % layer.fd
-    parent, name = split(relpath)
-    return at_path(ov.stack.dir_fd(layer, parent), name)
+    _, parent_fd, name = ov.top_parent(res)
+    # For the root, "." reaches the directory itself: without it, the no-follow xattr
+    # calls would act on /proc's magic link, not on the layer root.
+    return at_path(parent_fd, name or b".")
 
 
 def _private(name: str) -> OSError:
