@@ -256,12 +256,14 @@ def _remove(ov: Overlay, path: bytes, res: Resolved) -> None:
         os.unlink(name, dir_fd=upper)
     if old_st is not None and (res.is_dir or old_st.st_nlink <= 1):
         ov.numbers.release(old_st)
-    _forget(ov, path)
+    _forget(ov, path, is_dir=res.is_dir)
 
 
-def _forget(ov: Overlay, path: bytes) -> None:
-    ov.invalidate(path, subtree=True)
-    if ov.stack.upper is not None:
+def _forget(ov: Overlay, path: bytes, *, is_dir: bool) -> None:
+    """Drop what we cached about ``path``; below it only for a directory, since that
+    means scanning the caches."""
+    ov.invalidate(path, subtree=is_dir)
+    if is_dir and ov.stack.upper is not None:
         ov.stack.forget_dirs(ov.stack.upper, path)
 
 
@@ -292,8 +294,9 @@ def rename(ov: Overlay, old: bytes, new: bytes, flags: int = 0) -> None:
     _rename_upper(ov, old, new, exchange=exchange, whiteout=needs_whiteout, is_dir=src.is_dir)
     if replaced is not None and (dst is not None and (dst.is_dir or replaced.st_nlink <= 1)):
         ov.numbers.release(replaced)
-    _forget(ov, old)
-    _forget(ov, new)
+    dirs = src.is_dir or (dst is not None and dst.is_dir)
+    _forget(ov, old, is_dir=dirs)
+    _forget(ov, new, is_dir=dirs)
 
 
 def check_rename(
@@ -413,7 +416,7 @@ def _clear_upper_dir(ov: Overlay, path: bytes) -> None:
         os.rmdir(temp, dir_fd=work)
         raise
     shutil.rmtree(temp, dir_fd=work)
-    _forget(ov, path)
+    _forget(ov, path, is_dir=True)
 
 
 def _rename_upper(
